@@ -1,0 +1,40 @@
+"""agd_optax: Automatic Gradient Descent for JAX, as an optax gradient transformation."""
+
+from agd_optax._agd import AGDState, agd, scale_by_agd
+from agd_optax._flax import nnx_roles  # Imports flax only when called.
+from agd_optax._initializers import conv_init, dense_init, reinitialize, scaled_orthogonal
+from agd_optax._roles import (
+    Layout,
+    Role,
+    RoleError,
+    bias,
+    conv,
+    dense,
+    embedding,
+    infer_roles,
+    norm,
+    resolve_layouts,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AGDState",
+    "Layout",
+    "Role",
+    "RoleError",
+    "agd",
+    "bias",
+    "conv",
+    "conv_init",
+    "dense",
+    "dense_init",
+    "embedding",
+    "infer_roles",
+    "nnx_roles",
+    "norm",
+    "reinitialize",
+    "resolve_layouts",
+    "scale_by_agd",
+    "scaled_orthogonal",
+]

@@ -1,0 +1,220 @@
+"""Automatic Gradient Descent as an optax gradient transformation."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from agd_optax._roles import Layout, path_to_keys, path_to_str, resolve_layouts
+
+__all__ = ["AGDState", "agd", "scale_by_agd"]
+
+
+class AGDState(NamedTuple):
+    """State of :func:`scale_by_agd`: only what a user logs, no per-parameter buffers."""
+
+    count: jax.Array  # shape=(), int32: number of updates made.
+    eta: jax.Array  # shape=(), float32 (float64 for float64 params): step size of the last update, before gain.
+    G: jax.Array  # shape=(), same dtype as eta: the last update's G = (1/L) sum_k s(W_k) N_k.
+
+
+def _accumulation_dtype(tree: Any) -> jnp.dtype:
+    """float32, or wider when a leaf is wider: norms and G never accumulate in bf16 or f16."""
+    return jnp.result_type(jnp.float32, *(jnp.result_type(x) for x in jax.tree.leaves(tree)))
+
+
+def _check_same_structure(updates: Any, params: Any) -> None:
+    u_def = jax.tree.structure(updates)
+    p_def = jax.tree.structure(params)
+    if u_def == p_def:
+        return
+    u_paths = [path_to_str(path_to_keys(p)) for p, _ in jax.tree_util.tree_flatten_with_path(updates)[0]]
+    p_paths = [path_to_str(path_to_keys(p)) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    only_u = sorted(set(u_paths) - set(p_paths))
+    only_p = sorted(set(p_paths) - set(u_paths))
+    raise ValueError(
+        "AGD: the updates and params trees differ: "
+        f"leaves only in updates {only_u[:5]}, only in params {only_p[:5]} "
+        f"(updates {len(u_paths)} leaves, params {len(p_paths)})"
+    )
+
+
+def _safe_inverse(x: jax.Array) -> jax.Array:
+    """1/x where x > 0 and 0 where x == 0: a zero gradient gives a zero update, never NaN."""
+    positive = x > 0
+    return jnp.where(positive, 1.0 / jnp.where(positive, x, 1.0), 0.0)
+
+
+def _agd_updates(grads: list[jax.Array], layouts: list[Layout], acc: jnp.dtype):
+    """The AGD step for flat gradient leaves: returns (updates without gain, eta, G)."""
+    depth = sum(lay.count for lay in layouts)
+
+    # Squared Frobenius norms: per spatial position and stack slice for weights (keepdims).
+    sq = [
+        jnp.sum(jnp.square(g.astype(acc)), axis=lay.reduce_axes, keepdims=True)
+        for g, lay in zip(grads, layouts)
+    ]
+    norms = [jnp.sqrt(s) for s in sq]
+
+    # G = (1/L) sum_k s(W_k) N_k, with N_k the sum of a conv's per-position norms.
+    total = jnp.zeros([], acc)
+    for n, lay in zip(norms, layouts):
+        if lay.kind == "weight":
+            total = total + lay.scale * jnp.sum(n)
+    G = total / depth
+    eta = jnp.log((1.0 + jnp.sqrt(1.0 + 4.0 * G)) / 2.0)
+    step = eta / depth
+
+    updates = []
+    for g, n, lay in zip(grads, norms, layouts):
+        if lay.kind == "weight":
+            inv = _safe_inverse(n)
+        elif lay.kind == "norm":
+            inv = _safe_inverse(n)
+        else:  # bias: the Frobenius norm of its owner's whole gradient (per stack slice).
+            owner = layouts[lay.owner]
+            owner_sq = jnp.sum(sq[lay.owner], axis=owner.spatial_axes, keepdims=True)
+            stack_dims = tuple(owner_sq.shape[a] for a in owner.stack_axes)
+            owner_sq = owner_sq.reshape(stack_dims + (1,) * (g.ndim - len(stack_dims)))
+            inv = _safe_inverse(jnp.sqrt(owner_sq))
+        u = g.astype(acc) * ((step * lay.scale) * inv)
+        updates.append(u.astype(g.dtype))
+    return updates, eta, G
+
+
+def scale_by_agd(*, roles: Any = None) -> optax.GradientTransformationExtraArgs:
+    r"""Scales gradients by Automatic Gradient Descent's architecture-aware step.
+
+    For L weights :math:`W_k` with gradients :math:`g_k`, scales
+    :math:`s_k = \sqrt{d_{out}/d_{in}}` (divided by :math:`\sqrt{k_h k_w}` for a convolution) and
+    gradient norms :math:`N_k = \|g_k\|_F` (summed over kernel positions for a convolution),
+
+    .. math::
+
+      G = \frac{1}{L} \sum_k s_k N_k, \qquad
+      \eta = \log\frac{1 + \sqrt{1 + 4 G}}{2}, \qquad
+      u_k = \frac{\eta}{L} \, s_k \, \frac{g_k}{\|g_k\|_F},
+
+    the normalisation taken per kernel position for a convolution. The output is the descent
+    direction times the step, positive: :func:`agd` negates it and applies the gain.
+
+    Beyond the official algorithm, which refuses them:
+
+    * a **bias** moves with the weight :math:`W` of its own module,
+      :math:`u_b = (\eta / L)\, s(W)\, g_b / \|g_W\|_F`, and counts neither in L nor in G;
+    * the **scale and offset of a normalisation layer** have no owning weight. Each is treated as
+      a diagonal weight of its own with :math:`s = 1` (its width in equals its width out), moved by
+      :math:`u = (\eta / L)\, g / \|g\|_F`, and, like a bias, counts neither in L nor in G. So its
+      largest entry moves by at most :math:`\eta / L` per step: the same relative bound AGD puts on
+      every weight's operator norm (a scale starts at 1; an offset adds to unit-RMS activations).
+      Keeping them out of L and G leaves the step of the weights what it would be without them.
+
+    A zero gradient gives a zero update (a frozen or unused layer moves nothing, and no NaN or Inf
+    appears). A NaN or Inf in any gradient makes G, eta and every update NaN: wrap the optimizer in
+    ``optax.apply_if_finite`` to skip such steps. Norms, G and eta are accumulated in float32 (or
+    the widest parameter dtype, e.g. float64); updates are returned in each gradient's dtype.
+
+    Depth, scales and axes come from static shapes, so the state is three scalars and nothing is
+    recomputed or synchronised with the host at run time.
+
+    Args:
+      roles: how each leaf is treated (see :mod:`agd_optax` roles): ``None`` infers every role from
+        Flax's naming conventions; otherwise a pytree of roles matching the parameters, a prefix of
+        it, or a callable mapping the parameters (``params`` in ``init``; ``params``, or the updates
+        when ``params`` is not given, in ``update``) to one. ``agd_optax.nnx_roles(model)`` gives
+        the roles of an NNX model.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is :class:`AGDState`.
+
+    Raises:
+      agd_optax.RoleError: at ``init`` or ``update``, naming the leaf, for a leaf whose role
+        cannot be decided, a roles tree that does not match, or a bias without a weight.
+      TypeError: naming the leaf, for integer, boolean or complex leaves.
+      ValueError: for empty leaves, or ``params`` whose structure differs from the updates.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, agd_optax
+      >>> params = {"dense": {"kernel": jnp.ones((4, 2))}}
+      >>> tx = agd_optax.scale_by_agd()
+      >>> state = tx.init(params)
+      >>> grads = {"dense": {"kernel": jnp.full((4, 2), 0.5)}}
+      >>> updates, state = tx.update(grads, state, params)
+      >>> print(f"{float(state.G):.4f} {float(state.eta):.4f}")
+      1.0000 0.4812
+
+    References:
+      Bernstein, Mingard, Huang, Azizan and Yue, `Automatic Gradient Descent: Deep Learning without
+      Hyperparameters <https://arxiv.org/abs/2304.05187>`_, 2023.
+    """
+
+    def roles_for(tree: Any) -> Any:
+        return roles(tree) if callable(roles) else roles
+
+    def init_fn(params):
+        resolve_layouts(params, roles_for(params))  # Fail at init, naming the leaf, not later.
+        acc = _accumulation_dtype(params)
+        return AGDState(
+            count=jnp.zeros([], jnp.int32), eta=jnp.zeros([], acc), G=jnp.zeros([], acc)
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        if params is not None:
+            _check_same_structure(updates, params)
+        layouts = resolve_layouts(updates, roles_for(updates if params is None else params))
+        leaves, treedef = jax.tree.flatten(updates)
+        acc = jnp.result_type(state.eta.dtype, _accumulation_dtype(updates))
+        new_leaves, eta, G = _agd_updates(leaves, layouts, acc)
+        new_state = AGDState(
+            count=optax.safe_int32_increment(state.count),
+            eta=eta.astype(state.eta.dtype),
+            G=G.astype(state.G.dtype),
+        )
+        return jax.tree.unflatten(treedef, new_leaves), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def agd(
+    gain: optax.ScalarOrSchedule = 1.0, *, roles: Any = None
+) -> optax.GradientTransformationExtraArgs:
+    r"""Automatic Gradient Descent: deep learning without a learning rate.
+
+    Every weight moves by ``-gain * (eta / L) * s(W) * g / ||g||_F`` where the step ``eta`` is
+    computed on each step from the gradient norms and the architecture (fan-in, fan-out and depth
+    L), as described in :func:`scale_by_agd`. There is no learning rate and no schedule.
+
+    Args:
+      gain: multiplies every update; 1.0 is the algorithm as published. The official code offers
+        it as an accelerator (10.0 trained faster in the paper's experiments). A float or an optax
+        schedule of the step count; works with ``optax.inject_hyperparams``.
+      roles: per-leaf roles, see :func:`scale_by_agd`; ``None`` infers them from Flax's names.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``. ``optax.tree.get(state, "eta")`` reads the
+      automatic step size of the last update (before gain); ``"G"`` and ``"count"`` likewise.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, agd_optax
+      >>> from flax import nnx
+      >>> model = nnx.Sequential(
+      ...     nnx.Linear(2, 16, use_bias=False, rngs=nnx.Rngs(0)), nnx.relu,
+      ...     nnx.Linear(16, 1, use_bias=False, rngs=nnx.Rngs(1)))
+      >>> optimizer = nnx.Optimizer(model, agd_optax.agd(), wrt=nnx.Param)
+      >>> x = jax.random.normal(jax.random.key(0), (32, 2)); y = x[:, :1] * x[:, 1:]
+      >>> loss_fn = lambda m: jnp.mean((m(x) - y) ** 2)
+      >>> first = loss_fn(model)
+      >>> for _ in range(20):
+      ...   optimizer.update(model, nnx.grad(loss_fn)(model))
+      >>> bool(loss_fn(model) < first)
+      True
+
+    References:
+      Bernstein, Mingard, Huang, Azizan and Yue, `Automatic Gradient Descent: Deep Learning without
+      Hyperparameters <https://arxiv.org/abs/2304.05187>`_, 2023.
+    """
+    return optax.chain(scale_by_agd(roles=roles), optax.scale_by_learning_rate(gain))

@@ -1,0 +1,104 @@
+"""Roles read off Flax NNX models (the only module of the library that imports flax)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from agd_optax._roles import (
+    Role,
+    RoleError,
+    _siblings,
+    bias,
+    conv,
+    dense,
+    embedding,
+    infer_role,
+    norm,
+    path_to_keys,
+    path_to_str,
+)
+
+__all__ = ["nnx_roles"]
+
+
+def _module_roles(module: Any) -> dict[str, Role]:
+    """Roles of a module's own parameters, by module type; empty for types AGD does not know."""
+    from flax import nnx
+
+    if isinstance(module, nnx.Linear):
+        return {"kernel": dense(), "bias": bias()}
+    if isinstance(module, nnx.LinearGeneral):
+        n_batch = len(module.batch_axis)
+        n_in = len(module.in_features)
+        n_out = len(module.out_features)
+        ins = tuple(range(n_batch, n_batch + n_in))
+        outs = tuple(range(n_batch + n_in, n_batch + n_in + n_out))
+        return {"kernel": dense(ins, outs, stack_axes=tuple(range(n_batch))), "bias": bias()}
+    if isinstance(module, nnx.ConvTranspose):
+        in_axis, out_axis = (-1, -2) if module.transpose_kernel else (-2, -1)
+        return {"kernel": conv(in_axis=in_axis, out_axis=out_axis), "bias": bias()}
+    if isinstance(module, nnx.Conv):
+        return {"kernel": conv(groups=module.feature_group_count), "bias": bias()}
+    if isinstance(module, nnx.Embed):
+        return {"embedding": embedding()}
+    norms = (nnx.BatchNorm, nnx.LayerNorm, nnx.RMSNorm, nnx.GroupNorm, nnx.InstanceNorm)
+    if isinstance(module, norms):
+        return {"scale": norm(), "bias": norm()}
+    return {}
+
+
+def nnx_roles(model: Any) -> Callable[[Any], Any]:
+    """The AGD roles of an NNX model's parameters, read off its module types.
+
+    ``nnx.Linear`` and ``nnx.LinearGeneral`` kernels (attention projections in
+    ``nnx.MultiHeadAttention`` included, with their fan-in, fan-out and batch axes) are dense,
+    ``nnx.Conv`` kernels are convolutions with the module's ``feature_group_count`` (so grouped and
+    depthwise convolutions are exact), ``nnx.ConvTranspose`` kernels convolutions,
+    ``nnx.Embed`` tables embeddings, their biases move with them, and the scales and offsets of
+    ``BatchNorm``, ``LayerNorm``, ``RMSNorm``, ``GroupNorm`` and ``InstanceNorm`` are norm-layer
+    parameters. Parameters of other modules are inferred from their names, as without this helper.
+
+    Args:
+      model: an ``nnx.Module``.
+
+    Returns:
+      A callable mapping a parameter tree of ``model`` (``nnx.state(model, nnx.Param)``, pure or
+      not, or the gradients) to its roles: pass it as ``agd(roles=nnx_roles(model))``.
+
+    Example:
+      >>> import agd_optax
+      >>> from flax import nnx
+      >>> model = nnx.MultiHeadAttention(num_heads=2, in_features=8, decode=False,
+      ...                                rngs=nnx.Rngs(0))
+      >>> tx = agd_optax.agd(roles=agd_optax.nnx_roles(model))
+      >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    """
+    from flax import nnx
+
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"nnx_roles expects an nnx.Module, got {type(model).__name__}")
+    known: dict[tuple[str, ...], Role] = {}
+    for module_path, module in nnx.iter_modules(model):
+        prefix = tuple(str(k) for k in module_path)
+        for name, role in _module_roles(module).items():
+            known[prefix + (name,)] = role
+
+    def roles(params: Any) -> Any:
+        flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+        all_keys = [path_to_keys(p) for p, _ in flat]
+        sib = _siblings(all_keys)
+        out = []
+        for keys, (_, x) in zip(all_keys, flat):
+            role = known.get(keys)
+            if role is None:
+                try:
+                    role = infer_role(keys, tuple(x.shape), sib[keys[:-1]])
+                except RoleError as e:
+                    raise RoleError(f"{e} (the model has no known module at '{path_to_str(keys[:-1])}')") from None
+            out.append(role)
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    return roles

@@ -1,0 +1,1 @@
+"""Benchmarks: models and data loaders for the AGD training program."""
