@@ -17,7 +17,9 @@ class AGDState(NamedTuple):
     """State of :func:`scale_by_agd`: only what a user logs, no per-parameter buffers."""
 
     count: jax.Array  # shape=(), int32: number of updates made.
-    eta: jax.Array  # shape=(), float32 (float64 for float64 params): step size of the last update, before gain.
+    eta: (
+        jax.Array
+    )  # shape=(), float32 (float64 for float64 params): step size of the last update, before gain.
     G: jax.Array  # shape=(), same dtype as eta: the last update's G = (1/L) sum_k s(W_k) N_k.
 
 
@@ -31,8 +33,12 @@ def _check_same_structure(updates: Any, params: Any) -> None:
     p_def = jax.tree.structure(params)
     if u_def == p_def:
         return
-    u_paths = [path_to_str(path_to_keys(p)) for p, _ in jax.tree_util.tree_flatten_with_path(updates)[0]]
-    p_paths = [path_to_str(path_to_keys(p)) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    u_paths = [
+        path_to_str(path_to_keys(p)) for p, _ in jax.tree_util.tree_flatten_with_path(updates)[0]
+    ]
+    p_paths = [
+        path_to_str(path_to_keys(p)) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+    ]
     only_u = sorted(set(u_paths) - set(p_paths))
     only_p = sorted(set(p_paths) - set(u_paths))
     raise ValueError(

@@ -97,7 +97,9 @@ def nnx_roles(model: Any) -> Callable[[Any], Any]:
                 try:
                     role = infer_role(keys, tuple(x.shape), sib[keys[:-1]])
                 except RoleError as e:
-                    raise RoleError(f"{e} (the model has no known module at '{path_to_str(keys[:-1])}')") from None
+                    raise RoleError(
+                        f"{e} (the model has no known module at '{path_to_str(keys[:-1])}')"
+                    ) from None
             out.append(role)
         return jax.tree_util.tree_unflatten(treedef, out)
 

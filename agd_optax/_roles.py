@@ -157,7 +157,9 @@ def embedding(*, stack_axes: int | Sequence[int] = ()) -> Role:
     AGD treats it as the dense map it is, ``one_hot(ids) @ table``: fan-in ``num_embeddings``,
     fan-out ``features``.
     """
-    return Role("embedding", in_axes=(-2,), out_axes=(-1,), stack_axes=_axes(stack_axes, "stack_axes"))
+    return Role(
+        "embedding", in_axes=(-2,), out_axes=(-1,), stack_axes=_axes(stack_axes, "stack_axes")
+    )
 
 
 def bias(owner: str | Sequence[str] | None = None) -> Role:
@@ -244,7 +246,9 @@ def infer_role(keys: tuple[str, ...], shape: tuple[int, ...], siblings: frozense
     ndim = len(shape)
 
     def fail(why: str) -> RoleError:
-        return RoleError(f"cannot infer the AGD role of leaf '{path}' with shape {shape}: {why}. {_HELP}")
+        return RoleError(
+            f"cannot infer the AGD role of leaf '{path}' with shape {shape}: {why}. {_HELP}"
+        )
 
     if name == "kernel":
         if ndim == 2:
@@ -369,7 +373,9 @@ def _normalise_axes(axes: tuple[int, ...], ndim: int, path: str, what: str) -> t
     out = []
     for a in axes:
         if not -ndim <= a < ndim:
-            raise RoleError(f"leaf '{path}' has {ndim} axes; its role's {what} {axes} is out of range")
+            raise RoleError(
+                f"leaf '{path}' has {ndim} axes; its role's {what} {axes} is out of range"
+            )
         out.append(a % ndim)
     return tuple(out)
 
@@ -386,7 +392,9 @@ def _weight_layout(role: Role, shape: tuple[int, ...], path: str) -> Layout:
         spatial = _normalise_axes(role.spatial_axes, ndim, path, "spatial_axes")
     used = taken + spatial
     if len(set(used)) != len(used):
-        raise RoleError(f"leaf '{path}' with shape {shape}: its {role.kind} role uses an axis twice")
+        raise RoleError(
+            f"leaf '{path}' with shape {shape}: its {role.kind} role uses an axis twice"
+        )
     if sorted(used) != list(range(ndim)):
         missing = sorted(set(range(ndim)) - set(used))
         raise RoleError(
@@ -489,8 +497,14 @@ def resolve_layouts(params: Any, roles: Any = None) -> list[Layout]:
                 f"{owner_shape[:n_stack]} of its owner '{paths[owner]}'"
             )
         layouts[i] = Layout(
-            paths[i], "bias", tuple(range(n_stack, len(shape))), (), tuple(range(n_stack)),
-            w.scale, 0, owner,
+            paths[i],
+            "bias",
+            tuple(range(n_stack, len(shape))),
+            (),
+            tuple(range(n_stack)),
+            w.scale,
+            0,
+            owner,
         )
     if not any(lay.count for lay in layouts):
         raise RoleError(
@@ -515,4 +529,6 @@ def _check_leaf(path: str, x: Any) -> None:
             "(filter integer state out of the tree, e.g. nnx.Optimizer(..., wrt=nnx.Param))"
         )
     if np.size(x) == 0:
-        raise ValueError(f"leaf '{path}' with shape {np.shape(x)} is empty; AGD cannot normalise it")
+        raise ValueError(
+            f"leaf '{path}' with shape {np.shape(x)} is empty; AGD cannot normalise it"
+        )

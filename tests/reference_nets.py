@@ -4,13 +4,18 @@ The reference was recorded from the official PyTorch AGD implementation; see tes
 """
 
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-REFERENCE = "tests/data/agd_torch_reference.npz"
-CASES = {"fcn_mse": ("fcn", "mse", 1.0), "fcn_xent_gain10": ("fcn", "xent", 10.0), "cnn_mse": ("cnn", "mse", 1.0)}
+REFERENCE = str(pathlib.Path(__file__).parent / "data" / "agd_torch_reference.npz")
+CASES = {
+    "fcn_mse": ("fcn", "mse", 1.0),
+    "fcn_xent_gain10": ("fcn", "xent", 10.0),
+    "cnn_mse": ("cnn", "mse", 1.0),
+}
 
 
 def scaled_relu(x):
@@ -72,6 +77,13 @@ def load_case(data, case):
         x = np.transpose(x, (0, 2, 3, 1))  # N, C, H, W -> N, H, W, C
     apply = fcn if arch == "fcn" else cnn
     return dict(
-        apply=apply, loss=loss, gain=gain, params0=params0, params1=params1, x=x,
-        y=data[f"{case}/Y"], losses=data[f"{case}/loss"], etas=data[f"{case}/eta"],
+        apply=apply,
+        loss=loss,
+        gain=gain,
+        params0=params0,
+        params1=params1,
+        x=x,
+        y=data[f"{case}/Y"],
+        losses=data[f"{case}/loss"],
+        etas=data[f"{case}/eta"],
     )

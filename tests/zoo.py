@@ -96,7 +96,9 @@ def tiny_cnn() -> Problem:
         }
 
     def conv(h, k):
-        return jax.lax.conv_general_dilated(h, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jax.lax.conv_general_dilated(
+            h, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
 
     def loss(p):
         h = math.sqrt(2.0) * jax.nn.relu(conv(x, p["conv0"]["kernel"]))
