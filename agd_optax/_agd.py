@@ -215,7 +215,7 @@ def agd(
       >>> loss_fn = lambda m: jnp.mean((m(x) - y) ** 2)
       >>> first = loss_fn(model)
       >>> for _ in range(20):
-      ...   optimizer.update(model, nnx.grad(loss_fn)(model))
+      ...   _ = optimizer.update(model, nnx.grad(loss_fn)(model))
       >>> bool(loss_fn(model) < first)
       True
 
