@@ -1,0 +1,85 @@
+"""The training program's configuration: one dataclass, saved as JSON with every run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+ARCHS = ("fcn", "cnn1d", "vgg", "vgg16", "resnet18", "resnet50")
+DATASETS = ("digits", "mnist1d", "mnist", "cifar10", "cifar100", "imagenet")
+LOSSES = ("mse", "xent")
+SCHEDULES = ("constant", "cosine", "warmup_cosine")
+
+
+@dataclasses.dataclass
+class Config:
+    """Everything a run depends on. Defaults: AGD on scikit-learn's digits (no download)."""
+
+    arch: str = "fcn"
+    depth: int | None = 3  # fcn: number of Linear layers; cnn1d: convs + 1; fixed for vgg/resnet.
+    width: int | None = 256  # fcn: hidden width; cnn1d/vgg/resnet: base channels (None = default).
+    bias: bool = False  # biases and affine BatchNorm (AGD then uses its 1-D rules).
+    dataset: str = "digits"
+    data_dir: str | None = None
+    download: bool = False
+    train_bs: int = 128
+    test_bs: int = 512
+    epochs: int = 40
+    loss: str = "xent"
+    optimizer: str = "agd"
+    gain: float = 1.0  # AGD only.
+    lr: float | None = None  # baselines: peak learning rate (None = the optimizer's usual default).
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only.
+    schedule: str = "constant"  # baselines' learning-rate schedule.
+    warmup_epochs: float = 0.0
+    augment: bool = True  # CIFAR: random crop with padding and flip.
+    seed: int = 0
+    workdir: str | None = None
+    resume: bool = False
+    checkpoint: bool = True  # orbax checkpoint after every epoch (needs workdir).
+    progress: bool = True  # a progress bar per epoch.
+    num_workers: int = 4  # ImageNet decoding processes.
+    image_size: int = 224  # ImageNet crop size.
+    max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests).
+    validation_split: float = 0.0  # hold out this fraction of train as the "test" set (tuning).
+
+    def validate(self) -> Config:
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(f"invalid config: {message}")
+
+        check(self.arch in ARCHS, f"arch {self.arch!r} is not one of {ARCHS}")
+        check(self.dataset in DATASETS, f"dataset {self.dataset!r} is not one of {DATASETS}")
+        check(self.loss in LOSSES, f"loss {self.loss!r} is not one of {LOSSES}")
+        check(self.schedule in SCHEDULES, f"schedule {self.schedule!r} is not one of {SCHEDULES}")
+        check(self.train_bs >= 1 and self.test_bs >= 1, "batch sizes must be >= 1")
+        check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        check(self.gain > 0, f"gain must be > 0, got {self.gain}")
+        check(self.lr is None or self.lr > 0, f"lr must be > 0, got {self.lr}")
+        check(0.0 <= self.validation_split < 1.0, "validation_split must be in [0, 1)")
+        check(not self.resume or self.workdir is not None, "--resume needs --workdir")
+        from benchmarks.optimizers import OPTIMIZERS
+
+        check(
+            self.optimizer in OPTIMIZERS,
+            f"optimizer {self.optimizer!r} is not one of {tuple(OPTIMIZERS)}",
+        )
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    def save(self, workdir: str | os.PathLike) -> None:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(self.to_json() + "\n")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Config:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}")
+        return cls(**values)

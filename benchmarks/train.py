@@ -1,0 +1,89 @@
+"""Train a network with AGD (or an optax baseline): ``python -m benchmarks.train [flags]``.
+
+With no flags: AGD, a bias-free 3-layer FCN, scikit-learn's digits (no download).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from benchmarks.config import ARCHS, DATASETS, LOSSES, SCHEDULES, Config
+from benchmarks.optimizers import OPTIMIZERS
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    d = Config()
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.train", description=__doc__.splitlines()[0]
+    )
+    p.add_argument("--arch", choices=ARCHS, default=d.arch)
+    p.add_argument(
+        "--depth", type=int, default=d.depth, help="fcn: Linear layers; cnn1d: convs + 1"
+    )
+    p.add_argument(
+        "--width", type=int, default=d.width, help="fcn: hidden width; convnets: base channels"
+    )
+    p.add_argument(
+        "--bias", action="store_true", help="biases and affine BatchNorm (AGD's 1-D rules)"
+    )
+    p.add_argument("--dataset", choices=DATASETS, default=d.dataset)
+    p.add_argument("--data-dir", default=d.data_dir, help="folder holding the dataset files")
+    p.add_argument(
+        "--download", action="store_true", help="download MNIST/CIFAR (checksum-verified)"
+    )
+    p.add_argument("--train-bs", type=int, default=d.train_bs)
+    p.add_argument("--test-bs", type=int, default=d.test_bs)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument(
+        "--loss", choices=LOSSES, default=d.loss, help="mse: one-hot * sqrt(classes) targets"
+    )
+    p.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default=d.optimizer)
+    p.add_argument(
+        "--gain", type=float, default=d.gain, help="AGD's gain (1.0: the published algorithm)"
+    )
+    p.add_argument("--lr", type=float, default=d.lr, help="baselines' peak learning rate")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--momentum", type=float, default=d.momentum, help="sgd's momentum")
+    p.add_argument(
+        "--schedule", choices=SCHEDULES, default=d.schedule, help="baselines' lr schedule"
+    )
+    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    p.add_argument(
+        "--no-augment", dest="augment", action="store_false", help="no CIFAR augmentation"
+    )
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--workdir", default=d.workdir, help="where config, metrics, plot and checkpoints go"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the workdir's last checkpoint"
+    )
+    p.add_argument("--no-checkpoint", dest="checkpoint", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument(
+        "--num-workers", type=int, default=d.num_workers, help="ImageNet decoding processes"
+    )
+    p.add_argument("--image-size", type=int, default=d.image_size, help="ImageNet crop size")
+    p.add_argument("--max-steps-per-epoch", type=int, default=d.max_steps_per_epoch)
+    p.add_argument("--validation-split", type=float, default=d.validation_split)
+    args = p.parse_args(argv)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
+    try:
+        return Config(**values).validate()
+    except ValueError as e:
+        p.error(str(e))
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    from benchmarks.training import summary_line, train_and_evaluate
+
+    final = train_and_evaluate(config)
+    print(summary_line(config, final), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
