@@ -165,10 +165,14 @@ def make_tx(config: Config, model: nnx.Module, total_steps: int, steps_per_epoch
     return make_optimizer(config, total_steps, steps_per_epoch)
 
 
+def _pure(tree: Any) -> Any:
+    """The same tree with every nnx.Variable replaced by its array."""
+    return jax.tree.map(lambda v: v[...], tree, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
 def _opt_scalar(opt_state: Any, name: str) -> jax.Array | None:
     """An optimizer-state field (AGD's eta) as an array, or None if the optimizer has none."""
-    pure = jax.tree.map(lambda v: v[...], opt_state, is_leaf=lambda v: isinstance(v, nnx.Variable))
-    found = optax.tree.get(pure, name, None)
+    found = optax.tree.get(_pure(opt_state), name, None)
     return None if found is None else jnp.asarray(found, jnp.float32)
 
 
@@ -187,7 +191,8 @@ class Trainer:
         self.graphdef_eval, _ = nnx.split((model, optimizer))
         model.train()
         self.graphdef_train, state = nnx.split((model, optimizer))
-        self.state = parallel.replicate(mesh, state)
+        # Copies: some optimizers' states alias the parameters (cocob), which donation forbids.
+        self.state = jax.tree.map(jnp.copy, parallel.replicate(mesh, state))
         self.schedule_free = is_schedule_free(config)
         self._train_step = jax.jit(self._train_step_impl, donate_argnums=0)
         self._eval_step = jax.jit(self._eval_step_impl)
@@ -210,11 +215,10 @@ class Trainer:
     def _eval_step_impl(self, state, x, y, mask):
         model, optimizer = nnx.merge(self.graphdef_eval, state)
         if self.schedule_free:
-            pure = jax.tree.map(
-                lambda v: v[...], optimizer.opt_state, is_leaf=lambda v: isinstance(v, nnx.Variable)
+            params = _pure(nnx.state(model, nnx.Param))
+            nnx.update(
+                model, optax.contrib.schedule_free_eval_params(_pure(optimizer.opt_state), params)
             )
-            params = nnx.state(model, nnx.Param)
-            nnx.update(model, optax.contrib.schedule_free_eval_params(pure, params))
         logits = model(x)
         losses = per_example_loss(self.config.loss, logits, y)
         correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)

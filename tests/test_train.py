@@ -1,0 +1,162 @@
+"""The training program end to end on tiny data: every dataset, architecture and optimizer flag."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from fake_data import write_cifar, write_imagenet, write_mnist
+
+from benchmarks import train
+from benchmarks.config import Config
+from benchmarks.optimizers import OPTIMIZERS
+from benchmarks.training import train_and_evaluate
+
+
+def _run(tmp_path, name="run", **overrides):
+    values = dict(epochs=1, train_bs=32, test_bs=64, width=32, progress=False, checkpoint=False)
+    values.update(overrides)
+    return train_and_evaluate(Config(workdir=str(tmp_path / name), **values))
+
+
+def test_cli_trains_digits_and_writes_everything(tmp_path, capsys):
+    workdir = tmp_path / "digits"
+    assert (
+        train.main(["--epochs", "3", "--width", "64", "--workdir", str(workdir), "--no-progress"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    line = out.strip().splitlines()[-1]
+    assert "test accuracy" in line and "images/s" in line
+    accuracy = float(line.split("test accuracy ")[1].split(",")[0])
+    assert accuracy > 0.8
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["optimizer"] == "agd" and config["dataset"] == "digits"
+    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert all(r["eta"] > 0 for r in rows)
+    assert (workdir / "curves.png").stat().st_size > 1000
+    assert (workdir / "checkpoints").is_dir()
+
+
+def test_resumed_run_ends_with_the_same_weights(tmp_path):
+    common = dict(epochs=4, checkpoint=True, width=32)
+    full = _run(tmp_path, "full", **common)
+    _run(tmp_path, "split", **(common | {"epochs": 2}))  # "killed" after epoch 2
+    resumed = _run(tmp_path, "split", **(common | {"resume": True}))
+    for a, b in zip(jax.tree.leaves(full["params"]), jax.tree.leaves(resumed["params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    rows = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert resumed["test_accuracy"] == full["test_accuracy"]
+
+
+def test_same_seed_same_result_other_seed_differs(tmp_path):
+    a = _run(tmp_path, "a", epochs=2)
+    b = _run(tmp_path, "b", epochs=2)
+    c = _run(tmp_path, "c", epochs=2, seed=1)
+    assert a["train_loss"] == b["train_loss"]
+    assert a["train_loss"] != c["train_loss"]
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_every_optimizer_trains(tmp_path, optimizer):
+    final = _run(tmp_path, optimizer=optimizer, epochs=2, max_steps_per_epoch=8)
+    assert np.isfinite(final["train_loss"]) and np.isfinite(final["test_loss"])
+    assert (
+        final["test_accuracy"] > 0.1
+    )  # Above chance on 10 classes (the slow starters: dog, mechanize).
+
+
+def test_baseline_flags(tmp_path):
+    final = _run(
+        tmp_path,
+        optimizer="sgd",
+        lr=0.05,
+        momentum=0.8,
+        weight_decay=1e-4,
+        schedule="warmup_cosine",
+        warmup_epochs=0.5,
+        epochs=2,
+    )
+    assert final["test_accuracy"] > 0.5
+
+
+@pytest.mark.parametrize("loss", ["mse", "xent"])
+def test_mnist1d_cnn1d(tmp_path, loss):
+    final = _run(
+        tmp_path,
+        dataset="mnist1d",
+        arch="cnn1d",
+        depth=3,
+        width=16,
+        loss=loss,
+        max_steps_per_epoch=10,
+    )
+    assert np.isfinite(final["test_loss"])
+
+
+def test_mnist_idx_files_fcn_with_biases(tmp_path):
+    write_mnist(tmp_path / "data", gz=True)
+    final = _run(
+        tmp_path, dataset="mnist", data_dir=str(tmp_path / "data"), arch="fcn", depth=2, bias=True
+    )
+    assert np.isfinite(final["test_loss"])
+
+
+def test_cifar10_vgg(tmp_path):
+    write_cifar(tmp_path / "data", "cifar10", tarball=True)
+    final = _run(
+        tmp_path,
+        dataset="cifar10",
+        data_dir=str(tmp_path / "data"),
+        arch="vgg",
+        width=8,
+        depth=None,
+    )
+    assert np.isfinite(final["test_loss"])
+
+
+def test_cifar100_resnet18_with_affine_batchnorm(tmp_path):
+    write_cifar(tmp_path / "data", "cifar100", tarball=False)
+    final = _run(
+        tmp_path,
+        dataset="cifar100",
+        data_dir=str(tmp_path / "data"),
+        arch="resnet18",
+        width=4,
+        depth=None,
+        bias=True,
+        loss="mse",
+    )
+    assert np.isfinite(final["test_loss"])
+
+
+def test_imagenet_folder_resnet50(tmp_path):
+    write_imagenet(tmp_path / "data", per_class=8)
+    final = _run(
+        tmp_path,
+        dataset="imagenet",
+        data_dir=str(tmp_path / "data"),
+        arch="resnet50",
+        width=4,
+        depth=None,
+        image_size=32,
+        num_workers=0,
+        train_bs=8,
+        test_bs=8,
+    )
+    assert np.isfinite(final["test_loss"])
+
+
+def test_bad_configs_raise_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="larger than the 1437 training examples"):
+        _run(tmp_path, train_bs=2048)
+    with pytest.raises(ValueError, match="not divisible by the 8 data-parallel devices"):
+        _run(tmp_path, train_bs=30)
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
+        _run(tmp_path, dataset="mnist", data_dir=str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="optimizer 'lion'"):
+        _run(tmp_path, optimizer="lion")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--resume"])  # --resume needs --workdir
