@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import collections
+from collections.abc import Iterator
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -30,6 +33,17 @@ def shard_batch(mesh: Mesh, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
     """Host arrays (this process's part of the global batch) to global arrays sharded on 'data'."""
     sharding = batch_sharding(mesh)
     return tuple(jax.make_array_from_process_local_data(sharding, a) for a in arrays)
+
+
+def prefetch_to_device(mesh: Mesh, batches: Iterator[tuple[np.ndarray, ...]], size: int = 2):
+    """Shards the next ``size`` batches onto the devices while the current step runs."""
+    queue: collections.deque = collections.deque()
+    for batch in batches:
+        queue.append(shard_batch(mesh, *batch))
+        if len(queue) >= size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
 
 
 def replicate(mesh: Mesh, tree):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -228,8 +229,8 @@ class Trainer:
             "count": jnp.sum(mask),
         }
 
-    def train_step(self, x: np.ndarray, y: np.ndarray) -> dict[str, jax.Array]:
-        x, y = parallel.shard_batch(self.mesh, x, y)
+    def train_step(self, x: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
+        """One step on a global batch already on the devices (``parallel.shard_batch``)."""
         self.state, metrics = self._train_step(self.state, x, y)
         return metrics
 
@@ -395,9 +396,8 @@ def train_and_evaluate(config: Config, workdir: str | None = None, mesh=None) ->
         sums: dict[str, jax.Array] = {}
         t0 = time.perf_counter()
         timed_from, timed_steps, done = None, 0, 0
-        for step, (x, y) in enumerate(train_batches(data, config, epoch)):
-            if step == steps_per_epoch:
-                break
+        batches = itertools.islice(train_batches(data, config, epoch), steps_per_epoch)
+        for step, (x, y) in enumerate(parallel.prefetch_to_device(mesh, batches)):
             done += 1
             metrics = trainer.train_step(x, y)
             sums = metrics if not sums else jax.tree.map(jnp.add, sums, metrics)
