@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec
 
 from agd_optax._roles import Layout, path_to_keys, path_to_str, resolve_layouts
 
@@ -54,22 +56,44 @@ def _safe_inverse(x: jax.Array) -> jax.Array:
     return jnp.where(positive, 1.0 / jnp.where(positive, x, 1.0), 0.0)
 
 
-def _agd_updates(grads: list[jax.Array], layouts: list[Layout], acc: jnp.dtype):
-    """The AGD step for flat gradient leaves: returns (updates without gain, eta, G)."""
+def _psum(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    return jax.lax.psum(x, axes) if axes else x
+
+
+def _agd_updates(
+    grads: list[jax.Array],
+    layouts: list[Layout],
+    acc: jnp.dtype,
+    mesh_axes: list[tuple[tuple[str, ...], ...]] | None = None,
+):
+    """The AGD step for flat gradient leaves: returns (updates without gain, eta, G).
+
+    ``mesh_axes`` (inside ``shard_map`` only) gives, per leaf and per array axis, the mesh axes
+    that shard it: sums over sharded axes are completed with ``psum`` across those devices.
+    """
     depth = sum(lay.count for lay in layouts)
+
+    def sharding(i: int, axes: tuple[int, ...]) -> tuple[str, ...]:
+        if mesh_axes is None:
+            return ()
+        return tuple(name for a in axes for name in mesh_axes[i][a])
 
     # Squared Frobenius norms: per spatial position and stack slice for weights (keepdims).
     sq = [
-        jnp.sum(jnp.square(g.astype(acc)), axis=lay.reduce_axes, keepdims=True)
-        for g, lay in zip(grads, layouts)
+        _psum(
+            jnp.sum(jnp.square(g.astype(acc)), axis=lay.reduce_axes, keepdims=True),
+            sharding(i, lay.reduce_axes),
+        )
+        for i, (g, lay) in enumerate(zip(grads, layouts))
     ]
     norms = [jnp.sqrt(s) for s in sq]
 
     # G = (1/L) sum_k s(W_k) N_k, with N_k the sum of a conv's per-position norms.
     total = jnp.zeros([], acc)
-    for n, lay in zip(norms, layouts):
+    for i, (n, lay) in enumerate(zip(norms, layouts)):
         if lay.kind == "weight":
-            total = total + lay.scale * jnp.sum(n)
+            rest = lay.spatial_axes + lay.stack_axes  # Positions and slices held by other devices.
+            total = total + lay.scale * _psum(jnp.sum(n), sharding(i, rest))
     G = total / depth
     eta = jnp.log((1.0 + jnp.sqrt(1.0 + 4.0 * G)) / 2.0)
     step = eta / depth
@@ -83,6 +107,7 @@ def _agd_updates(grads: list[jax.Array], layouts: list[Layout], acc: jnp.dtype):
         else:  # bias: the Frobenius norm of its owner's whole gradient (per stack slice).
             owner = layouts[lay.owner]
             owner_sq = jnp.sum(sq[lay.owner], axis=owner.spatial_axes, keepdims=True)
+            owner_sq = _psum(owner_sq, sharding(lay.owner, owner.spatial_axes))
             stack_dims = tuple(owner_sq.shape[a] for a in owner.stack_axes)
             owner_sq = owner_sq.reshape(stack_dims + (1,) * (g.ndim - len(stack_dims)))
             inv = _safe_inverse(jnp.sqrt(owner_sq))
@@ -91,7 +116,56 @@ def _agd_updates(grads: list[jax.Array], layouts: list[Layout], acc: jnp.dtype):
     return updates, eta, G
 
 
-def scale_by_agd(*, roles: Any = None) -> optax.GradientTransformationExtraArgs:
+def _mesh_axes_per_leaf(updates: Any, specs: Any) -> list[tuple[tuple[str, ...], ...]]:
+    """Per leaf, per array axis, the mesh axes sharding it, from a (prefix) tree of PartitionSpecs."""
+    is_spec = lambda x: isinstance(x, PartitionSpec) or x is None  # noqa: E731
+    try:
+        full = jax.tree.map(
+            lambda spec, sub: jax.tree.map(lambda _: spec, sub), specs, updates, is_leaf=is_spec
+        )
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"AGD: param_specs does not match the parameters (a pytree or prefix of PartitionSpecs "
+            f"is expected). JAX says: {e}"
+        ) from None
+    flat_specs = jax.tree.leaves(full, is_leaf=is_spec)
+    flat = jax.tree_util.tree_flatten_with_path(updates)[0]
+    out = []
+    for (path, x), spec in zip(flat, flat_specs):
+        spec = () if spec is None else tuple(spec)
+        if len(spec) > x.ndim:
+            raise ValueError(
+                f"AGD: the PartitionSpec {spec} of leaf '{path_to_str(path_to_keys(path))}' has more "
+                f"entries than its {x.ndim} axes"
+            )
+        per_axis = []
+        for entry in spec + (None,) * (x.ndim - len(spec)):
+            if entry is None:
+                per_axis.append(())
+            elif isinstance(entry, str):
+                per_axis.append((entry,))
+            else:
+                per_axis.append(tuple(entry))
+        out.append(tuple(per_axis))
+    return out
+
+
+def _global_shapes(updates: Any, mesh_axes: list[tuple[tuple[str, ...], ...]]) -> Any:
+    """Shape-only stand-ins for the leaves with their global (unsharded) shapes."""
+    leaves, treedef = jax.tree.flatten(updates)
+    out = []
+    for x, axes in zip(leaves, mesh_axes):
+        shape = tuple(
+            d * math.prod(jax.lax.axis_size(name) for name in names)
+            for d, names in zip(x.shape, axes)
+        )
+        out.append(jax.ShapeDtypeStruct(shape, x.dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
+def scale_by_agd(
+    *, roles: Any = None, param_specs: Any = None
+) -> optax.GradientTransformationExtraArgs:
     r"""Scales gradients by Automatic Gradient Descent's architecture-aware step.
 
     For L weights :math:`W_k` with gradients :math:`g_k`, scales
@@ -132,6 +206,13 @@ def scale_by_agd(*, roles: Any = None) -> optax.GradientTransformationExtraArgs:
         it, or a callable mapping the parameters (``params`` in ``init``; ``params``, or the updates
         when ``params`` is not given, in ``update``) to one. ``agd_optax.nnx_roles(model)`` gives
         the roles of an NNX model.
+      param_specs: only for ``update`` called inside ``jax.shard_map`` on parameter *shards*: the
+        ``PartitionSpec`` of each parameter (a pytree or prefix pytree, like shard_map's
+        ``in_specs``). AGD then reads each leaf's global shape and completes every norm with a
+        ``psum`` over the mesh axes that shard it, so G, eta and the updates equal those of the
+        unsharded computation. Not needed under ``jit`` with sharded arrays (XLA inserts the
+        reductions), nor under ``pmap``/``shard_map`` with replicated parameters once the
+        gradients are averaged (``lax.pmean``). ``init`` takes the global parameters.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is :class:`AGDState`.
@@ -171,10 +252,12 @@ def scale_by_agd(*, roles: Any = None) -> optax.GradientTransformationExtraArgs:
         del extra_args
         if params is not None:
             _check_same_structure(updates, params)
-        layouts = resolve_layouts(updates, roles_for(updates if params is None else params))
+        mesh_axes = None if param_specs is None else _mesh_axes_per_leaf(updates, param_specs)
+        shapes = updates if mesh_axes is None else _global_shapes(updates, mesh_axes)
+        layouts = resolve_layouts(shapes, roles_for(shapes if params is None else params))
         leaves, treedef = jax.tree.flatten(updates)
         acc = jnp.result_type(state.eta.dtype, _accumulation_dtype(updates))
-        new_leaves, eta, G = _agd_updates(leaves, layouts, acc)
+        new_leaves, eta, G = _agd_updates(leaves, layouts, acc, mesh_axes)
         new_state = AGDState(
             count=optax.safe_int32_increment(state.count),
             eta=eta.astype(state.eta.dtype),
@@ -186,7 +269,7 @@ def scale_by_agd(*, roles: Any = None) -> optax.GradientTransformationExtraArgs:
 
 
 def agd(
-    gain: optax.ScalarOrSchedule = 1.0, *, roles: Any = None
+    gain: optax.ScalarOrSchedule = 1.0, *, roles: Any = None, param_specs: Any = None
 ) -> optax.GradientTransformationExtraArgs:
     r"""Automatic Gradient Descent: deep learning without a learning rate.
 
@@ -199,6 +282,8 @@ def agd(
         it as an accelerator (10.0 trained faster in the paper's experiments). A float or an optax
         schedule of the step count; works with ``optax.inject_hyperparams``.
       roles: per-leaf roles, see :func:`scale_by_agd`; ``None`` infers them from Flax's names.
+      param_specs: for ``update`` inside ``jax.shard_map`` on parameter shards, see
+        :func:`scale_by_agd`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``. ``optax.tree.get(state, "eta")`` reads the
@@ -223,4 +308,6 @@ def agd(
       Bernstein, Mingard, Huang, Azizan and Yue, `Automatic Gradient Descent: Deep Learning without
       Hyperparameters <https://arxiv.org/abs/2304.05187>`_, 2023.
     """
-    return optax.chain(scale_by_agd(roles=roles), optax.scale_by_learning_rate(gain))
+    return optax.chain(
+        scale_by_agd(roles=roles, param_specs=param_specs), optax.scale_by_learning_rate(gain)
+    )

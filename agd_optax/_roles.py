@@ -297,7 +297,7 @@ def infer_roles(params: Any) -> Any:
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     all_keys = [path_to_keys(p) for p, _ in leaves]
     sib = _siblings(all_keys)
-    roles = [infer_role(k, np.shape(x), sib[k[:-1]]) for k, (_, x) in zip(all_keys, leaves)]
+    roles = [infer_role(k, _shape(x), sib[k[:-1]]) for k, (_, x) in zip(all_keys, leaves)]
     return jax.tree_util.tree_unflatten(treedef, roles)
 
 
@@ -455,7 +455,7 @@ def resolve_layouts(params: Any, roles: Any = None) -> list[Layout]:
     layouts: list[Layout | None] = [None] * len(flat)
     biases = []
     for i, (keys, (_, x), role) in enumerate(zip(all_keys, flat, given)):
-        shape = tuple(np.shape(x))
+        shape = _shape(x)
         if role is None:
             role = infer_role(keys, shape, sib[keys[:-1]])
         if role.kind in _WEIGHT_KINDS:
@@ -483,14 +483,14 @@ def resolve_layouts(params: Any, roles: Any = None) -> list[Layout]:
                 f"leaf '{paths[i]}' is a bias whose owner '{paths[owner]}' is not a dense, conv or "
                 "embedding weight"
             )
-        shape = tuple(np.shape(flat[i][1]))
+        shape = _shape(flat[i][1])
         n_stack = len(w.stack_axes)
         if n_stack and (w.stack_axes != tuple(range(n_stack)) or len(shape) < n_stack):
             raise RoleError(
                 f"leaf '{paths[i]}': a bias can follow a stacked weight only when the stack axes "
                 f"are leading axes of both (owner '{paths[owner]}' stacks on {w.stack_axes})"
             )
-        owner_shape = tuple(np.shape(flat[owner][1]))
+        owner_shape = _shape(flat[owner][1])
         if n_stack and shape[:n_stack] != owner_shape[:n_stack]:
             raise RoleError(
                 f"leaf '{paths[i]}' with shape {shape} does not share the stack dims "
@@ -514,6 +514,11 @@ def resolve_layouts(params: Any, roles: Any = None) -> list[Layout]:
     return layouts  # type: ignore[return-value]
 
 
+def _shape(x: Any) -> tuple[int, ...]:
+    """A leaf's shape: arrays, NumPy scalars and ``jax.ShapeDtypeStruct`` alike."""
+    return tuple(int(d) for d in (x.shape if hasattr(x, "shape") else np.shape(x)))
+
+
 def _check_leaf(path: str, x: Any) -> None:
     dtype = getattr(x, "dtype", None)
     if dtype is None:
@@ -528,7 +533,5 @@ def _check_leaf(path: str, x: Any) -> None:
             f"leaf '{path}' has dtype {dtype}; AGD updates floating-point parameters only "
             "(filter integer state out of the tree, e.g. nnx.Optimizer(..., wrt=nnx.Param))"
         )
-    if np.size(x) == 0:
-        raise ValueError(
-            f"leaf '{path}' with shape {np.shape(x)} is empty; AGD cannot normalise it"
-        )
+    if math.prod(_shape(x)) == 0:
+        raise ValueError(f"leaf '{path}' with shape {_shape(x)} is empty; AGD cannot normalise it")
