@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from flax import nnx
 
-from benchmarks.models.fcn import FCN, CNN1D
+from benchmarks.models.fcn import CNN1D, FCN
 from benchmarks.models.layers import BN_EPSILON, BN_MOMENTUM, Initializer, scaled_relu
 from benchmarks.models.resnet import (
     BasicBlock,

@@ -37,7 +37,7 @@ def linear(
     kernel_init: Initializer | None,
     rngs: nnx.Rngs,
 ) -> nnx.Linear:
-    """``nnx.Linear`` with the benchmark conventions (Flax default init if ``kernel_init`` is None)."""
+    """``nnx.Linear``; Flax's default kernel init if ``kernel_init`` is None."""
     return nnx.Linear(
         in_features, out_features, use_bias=bias, rngs=rngs, **_init_kwargs(kernel_init)
     )

@@ -1,0 +1,325 @@
+"""Streaming ImageNet (ILSVRC-2012) loader: folder of JPEGs -> grain pipeline -> numpy batches.
+
+Expected layout under ``data_dir`` (or ``data_dir/imagenet``)::
+
+    train/<wnid>/*.JPEG
+    val/<wnid>/*.JPEG
+
+Images are decoded with PIL inside grain's pipeline (in worker processes when
+``num_workers > 0``). Training: random-resized crop (scale 0.08-1, ratio 3/4-4/3) plus
+horizontal flip; evaluation: resize the shorter side then center crop. Both normalise
+with the ImageNet mean/std and yield ``(images float32 NHWC, labels int32)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.data.base import resolve_data_dir
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+
+
+class _FileSource:
+    """Random-access source of ``(path, label)`` records (compact, cheap to pickle)."""
+
+    def __init__(self, root: Path, relpaths: np.ndarray, labels: np.ndarray):
+        self.root = str(root)
+        self.relpaths = relpaths  # bytes array, paths relative to root
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[str, int]:
+        rel = self.relpaths[index].decode("utf-8")
+        return os.path.join(self.root, rel), int(self.labels[index])
+
+
+def _open_rgb(path: str):
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+def _to_normalized_array(img) -> np.ndarray:
+    x = np.asarray(img, dtype=np.float32) / 255.0
+    x -= np.asarray(IMAGENET_MEAN, dtype=np.float32)
+    x /= np.asarray(IMAGENET_STD, dtype=np.float32)
+    return x
+
+
+def random_resized_crop_box(
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
+    """Crop box ``(left, top, right, bottom)`` of a random-resized crop.
+
+    Samples an area fraction in ``scale`` and a log-uniform aspect ratio in ``ratio``,
+    retrying up to 10 times; falls back to a central crop with the ratio clamped.
+    """
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(rng.integers(0, width - w + 1))
+            top = int(rng.integers(0, height - h + 1))
+            return left, top, left + w, top + h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+def train_transform(
+    record: tuple[str, int], rng: np.random.Generator, *, image_size: int
+) -> tuple[np.ndarray, np.int32]:
+    """Decode, random-resized-crop to ``image_size``, random flip, normalise."""
+    from PIL import Image
+
+    path, label = record
+    img = _open_rgb(path)
+    box = random_resized_crop_box(rng, img.width, img.height)
+    img = img.resize((image_size, image_size), Image.Resampling.BILINEAR, box=box)
+    if rng.random() < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return _to_normalized_array(img), np.int32(label)
+
+
+def eval_transform(
+    record: tuple[str, int], *, image_size: int, resize_size: int
+) -> tuple[np.ndarray, np.int32]:
+    """Decode, resize the shorter side to ``resize_size``, center crop ``image_size``."""
+    from PIL import Image
+
+    path, label = record
+    img = _open_rgb(path)
+    w, h = img.size
+    if w <= h:
+        new_w, new_h = resize_size, int(resize_size * h / w)
+    else:
+        new_w, new_h = int(resize_size * w / h), resize_size
+    img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    left = int(round((new_w - image_size) / 2.0))
+    top = int(round((new_h - image_size) / 2.0))
+    img = img.crop((left, top, left + image_size, top + image_size))
+    return _to_normalized_array(img), np.int32(label)
+
+
+def _closing(it) -> Iterator:
+    """Yield from a grain iterator and close it (stopping worker processes) at the end."""
+    try:
+        yield from it
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+
+
+def _ensure_absl_flags_parsed() -> None:
+    # grain 0.2.x reads an absl flag when starting workers and fails with
+    # UnparsedFlagAccessError outside absl.app (google/grain#1355); use the defaults.
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _derive_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def _scan_split(split_dir: Path, class_index: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    relpaths, labels = [], []
+    for wnid, label in class_index.items():
+        class_dir = split_dir / wnid
+        if not class_dir.is_dir():
+            continue
+        with os.scandir(class_dir) as it:
+            names = sorted(
+                e.name
+                for e in it
+                if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
+            )
+        relpaths.extend(f"{split_dir.name}/{wnid}/{n}".encode() for n in names)
+        labels.extend([label] * len(names))
+    return np.array(relpaths, dtype=np.bytes_), np.array(labels, dtype=np.int32)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ImageNetData:
+    """A scanned ImageNet folder with grain loaders; build it with ``load_imagenet``.
+
+    Loaders yield ``(images, labels)``: float32 ``(B, image_size, image_size, 3)`` and
+    int32 ``(B,)`` NumPy arrays (with workers, grain's shared-memory ndarray subclass).
+
+    Attributes:
+      root: the folder holding ``train/`` and ``val/``.
+      classes: sorted wnids of ``train/``; label ``i`` is ``classes[i]``.
+      image_size: side of the square crops (224 for ImageNet).
+      resize_size: evaluation resize of the shorter side before the center crop.
+      num_workers: grain worker processes (0 = decode in this process).
+      num_threads: decoding threads per process.
+    """
+
+    root: Path
+    classes: tuple[str, ...]
+    train_source: _FileSource
+    val_source: _FileSource
+    image_size: int = 224
+    resize_size: int = 256
+    num_workers: int = 0
+    num_threads: int = 8
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.image_size, self.image_size, 3)
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_source)
+
+    @property
+    def num_val(self) -> int:
+        return len(self.val_source)
+
+    def _finish(self, ds, batch_size: int, drop_remainder: bool) -> Iterator:
+        import grain
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        read = grain.ReadOptions(
+            num_threads=self.num_threads, prefetch_buffer_size=max(2 * batch_size, 16)
+        )
+        it = ds.to_iter_dataset(read).batch(batch_size, drop_remainder=drop_remainder)
+        if self.num_workers > 0:
+            _ensure_absl_flags_parsed()
+            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers))
+        return _closing(iter(it))
+
+    def train_loader(
+        self, batch_size: int, *, seed: int = 0, epoch: int = 0, drop_remainder: bool = True
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """A generator over one epoch of shuffled, augmented training batches.
+
+        Order and augmentations are deterministic given ``(seed, epoch)`` and
+        ``num_workers`` (each worker batches its own slice of the shuffled data). Worker
+        processes stop when the generator is exhausted or closed.
+        """
+        import grain
+
+        ds = grain.MapDataset.source(self.train_source).shuffle(seed=_derive_seed(seed, epoch, 0))
+        ds = ds.random_map(
+            functools.partial(train_transform, image_size=self.image_size),
+            seed=_derive_seed(seed, epoch, 1),
+        )
+        return self._finish(ds, batch_size, drop_remainder)
+
+    def eval_loader(
+        self, batch_size: int, *, drop_remainder: bool = False
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """A generator over the validation batches (resize + center crop, no randomness).
+
+        In file order with ``num_workers=0``; with workers, batches interleave the
+        workers' slices (deterministically).
+        """
+        import grain
+
+        ds = grain.MapDataset.source(self.val_source).map(
+            functools.partial(
+                eval_transform, image_size=self.image_size, resize_size=self.resize_size
+            )
+        )
+        return self._finish(ds, batch_size, drop_remainder)
+
+
+def find_imagenet_root(data_dir: str | os.PathLike | None) -> Path:
+    """``data_dir`` or ``data_dir/imagenet``, whichever holds ``train/`` and ``val/``."""
+    base = resolve_data_dir(data_dir)
+    for root in (base, base / "imagenet"):
+        if (root / "train").is_dir() and (root / "val").is_dir():
+            return root
+    raise FileNotFoundError(
+        f"ImageNet not found: expected train/<wnid>/*.JPEG and val/<wnid>/*.JPEG under "
+        f"{base} or {base / 'imagenet'}"
+    )
+
+
+def load_imagenet(
+    data_dir: str | os.PathLike | None = None,
+    *,
+    image_size: int = 224,
+    resize_size: int | None = None,
+    num_workers: int = 0,
+    num_threads: int = 8,
+) -> ImageNetData:
+    """Scan an ImageNet folder (see the module docstring) and return an ``ImageNetData``.
+
+    ``resize_size`` defaults to ``round(image_size * 256 / 224)`` (256 for 224 crops).
+    """
+    if image_size < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
+    if resize_size is None:
+        resize_size = int(round(image_size * 256 / 224))
+    if resize_size < image_size:
+        raise ValueError(f"resize_size ({resize_size}) must be >= image_size ({image_size})")
+    if num_workers < 0 or num_threads < 0:
+        raise ValueError("num_workers and num_threads must be >= 0")
+    root = find_imagenet_root(data_dir)
+    train_dir, val_dir = root / "train", root / "val"
+    classes = tuple(sorted(e.name for e in os.scandir(train_dir) if e.is_dir()))
+    if not classes:
+        raise ValueError(f"no class folders in {train_dir}: expected train/<wnid>/*.JPEG")
+    val_entries = list(os.scandir(val_dir))
+    val_classes = {e.name for e in val_entries if e.is_dir()}
+    if not val_classes and any(e.is_file() for e in val_entries):
+        raise ValueError(
+            f"{val_dir} holds loose images: expected val/<wnid>/*.JPEG "
+            "(sort the validation images into one folder per class first)"
+        )
+    unknown = sorted(val_classes - set(classes))
+    if unknown:
+        raise ValueError(f"{val_dir} has classes not in {train_dir}: {unknown[:5]}")
+    class_index = {wnid: i for i, wnid in enumerate(classes)}
+    train_paths, train_labels = _scan_split(train_dir, class_index)
+    val_paths, val_labels = _scan_split(val_dir, class_index)
+    if len(train_labels) == 0:
+        raise ValueError(f"no images (*.JPEG/*.jpg/*.png) found under {train_dir}/<wnid>/")
+    if len(val_labels) == 0:
+        raise ValueError(f"no images (*.JPEG/*.jpg/*.png) found under {val_dir}/<wnid>/")
+    return ImageNetData(
+        root=root,
+        classes=classes,
+        train_source=_FileSource(root, train_paths, train_labels),
+        val_source=_FileSource(root, val_paths, val_labels),
+        image_size=image_size,
+        resize_size=resize_size,
+        num_workers=num_workers,
+        num_threads=num_threads,
+    )

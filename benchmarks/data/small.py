@@ -1,0 +1,115 @@
+"""Small datasets generated or bundled locally: scikit-learn digits and MNIST-1D."""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.data.base import Dataset, normalize
+
+DIGITS_NUM_TEST = 360
+MNIST1D_NUM_TRAIN = 4000
+MNIST1D_NUM_TEST = 1000
+MNIST1D_LENGTH = 40
+MNIST1D_CACHE = "mnist1d_default.npz"
+
+
+def load_digits(seed: int = 0) -> Dataset:
+    """scikit-learn's 8x8 digits: 1437 train / 360 test (stratified split by ``seed``).
+
+    Pixels are scaled to [0, 1] (divided by 16), then normalised with the mean/std of
+    the training split. Images have shape ``(N, 8, 8, 1)``.
+    """
+    from sklearn.datasets import load_digits as sk_load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = sk_load_digits()
+    x = (digits.images.astype(np.float32) / 16.0)[..., None]
+    y = digits.target.astype(np.int32)
+    train_x, test_x, train_y, test_y = train_test_split(
+        x, y, test_size=DIGITS_NUM_TEST, stratify=y, random_state=seed
+    )
+    mean = (float(train_x.mean()),)
+    std = (float(train_x.std()),)
+    return Dataset(
+        train_x=normalize(train_x, mean, std),
+        train_y=np.ascontiguousarray(train_y, dtype=np.int32),
+        test_x=normalize(test_x, mean, std),
+        test_y=np.ascontiguousarray(test_y, dtype=np.int32),
+        num_classes=10,
+        input_shape=(8, 8, 1),
+        mean=mean,
+        std=std,
+    )
+
+
+def generate_mnist1d() -> dict[str, np.ndarray]:
+    """Generate MNIST-1D with the ``mnist1d`` package's default arguments (no download).
+
+    Returns a dict with ``x`` (4000, 40), ``y``, ``x_test`` (1000, 40), ``y_test``. The
+    generator reseeds Python's and NumPy's global RNGs; their states are restored here.
+    """
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    # The generator uses the legacy global RNGs; save and restore them.
+    py_state, np_state = random.getstate(), np.random.get_state()  # noqa: NPY002
+    try:
+        raw = make_dataset(get_dataset_args())
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)  # noqa: NPY002
+    return {k: np.asarray(raw[k]) for k in ("x", "y", "x_test", "y_test")}
+
+
+def _check_mnist1d(arrays: dict[str, np.ndarray], source: str) -> None:
+    expected = {
+        "x": (MNIST1D_NUM_TRAIN, MNIST1D_LENGTH),
+        "y": (MNIST1D_NUM_TRAIN,),
+        "x_test": (MNIST1D_NUM_TEST, MNIST1D_LENGTH),
+        "y_test": (MNIST1D_NUM_TEST,),
+    }
+    for key, shape in expected.items():
+        if key not in arrays or tuple(arrays[key].shape) != shape:
+            got = None if key not in arrays else arrays[key].shape
+            raise ValueError(
+                f"malformed MNIST-1D data from {source}: {key!r} has shape {got}, expected {shape}"
+            )
+
+
+def load_mnist1d(data_dir: str | os.PathLike | None = None) -> Dataset:
+    """MNIST-1D (default generator arguments): 4000 train / 1000 test, x shape (N, 40, 1).
+
+    The generator already standardises the signals (global mean 0, std 1), so no further
+    normalisation is applied. With ``data_dir`` the arrays are cached in
+    ``data_dir/mnist1d/mnist1d_default.npz`` (and read from there next time); without it
+    nothing is written to disk.
+    """
+    cache = None if data_dir is None else Path(data_dir) / "mnist1d" / MNIST1D_CACHE
+    if cache is not None and cache.exists():
+        with np.load(cache) as f:
+            arrays = {k: f[k] for k in f.files}
+        _check_mnist1d(arrays, str(cache))
+    else:
+        arrays = generate_mnist1d()
+        _check_mnist1d(arrays, "the mnist1d generator")
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".npz.part")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    np.savez(f, **arrays)
+                os.replace(tmp, cache)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+    return Dataset(
+        train_x=arrays["x"].astype(np.float32)[..., None],
+        train_y=arrays["y"].astype(np.int32),
+        test_x=arrays["x_test"].astype(np.float32)[..., None],
+        test_y=arrays["y_test"].astype(np.int32),
+        num_classes=10,
+        input_shape=(MNIST1D_LENGTH, 1),
+    )
