@@ -45,6 +45,12 @@ class Config:
     image_size: int = 224  # ImageNet crop size.
     max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests).
     validation_split: float = 0.0  # hold out this fraction of train as the "test" set (tuning).
+    shard_params: bool = False  # FSDP: split parameters and optimizer state over the devices.
+    compute_dtype: str | None = None  # None: bfloat16 on accelerators, float32 on CPU.
+    distributed: bool = False  # call jax.distributed.initialize() (multi-process runs).
+    coordinator_address: str | None = None  # host:port of process 0 (None: auto-detect).
+    num_processes: int | None = None
+    process_id: int | None = None
 
     def validate(self) -> Config:
         def check(ok: bool, message: str) -> None:
@@ -61,6 +67,10 @@ class Config:
         check(self.lr is None or self.lr > 0, f"lr must be > 0, got {self.lr}")
         check(0.0 <= self.validation_split < 1.0, "validation_split must be in [0, 1)")
         check(not self.resume or self.workdir is not None, "--resume needs --workdir")
+        check(
+            self.compute_dtype in (None, "float32", "bfloat16", "float16"),
+            f"compute_dtype {self.compute_dtype!r} is not float32, bfloat16 or float16",
+        )
         from benchmarks.optimizers import OPTIMIZERS
 
         check(

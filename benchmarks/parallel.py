@@ -46,9 +46,39 @@ def prefetch_to_device(mesh: Mesh, batches: Iterator[tuple[np.ndarray, ...]], si
         yield queue.popleft()
 
 
+def fsdp_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
+    """Splits a leaf over the data axis along its largest axis that divides evenly (FSDP style);
+    leaves too small or with no such axis (scalars, small biases) are replicated."""
+    n = data_size(mesh)
+    candidates = [a for a in range(len(shape)) if shape[a] >= n and shape[a] % n == 0]
+    if n == 1 or not candidates:
+        return replicated(mesh)
+    axis = max(candidates, key=lambda a: (shape[a], -a))
+    spec = [None] * len(shape)
+    spec[axis] = DATA_AXIS
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def fsdp_shardings(mesh: Mesh, tree):
+    return jax.tree.map(lambda x: fsdp_sharding(mesh, tuple(x.shape)), tree)
+
+
 def replicate(mesh: Mesh, tree):
     return jax.device_put(tree, replicated(mesh))
 
 
 def data_size(mesh: Mesh) -> int:
     return mesh.shape[DATA_AXIS]
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+    """``jax.distributed.initialize`` for multi-process runs: every argument None auto-detects
+    (Slurm, Open MPI, TPU pods, Kubernetes); on CPU the processes talk through gloo."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # Only affects CPU devices.
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )

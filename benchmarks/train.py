@@ -9,6 +9,8 @@ import argparse
 import dataclasses
 import sys
 
+import jax
+
 from benchmarks.config import ARCHS, DATASETS, LOSSES, SCHEDULES, Config
 from benchmarks.optimizers import OPTIMIZERS
 
@@ -68,6 +70,23 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--image-size", type=int, default=d.image_size, help="ImageNet crop size")
     p.add_argument("--max-steps-per-epoch", type=int, default=d.max_steps_per_epoch)
     p.add_argument("--validation-split", type=float, default=d.validation_split)
+    p.add_argument(
+        "--shard-params", action="store_true", help="FSDP: split params and state over devices"
+    )
+    p.add_argument(
+        "--compute-dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=d.compute_dtype,
+        help="default: bfloat16 on GPU/TPU, float32 on CPU (parameters stay float32)",
+    )
+    p.add_argument(
+        "--distributed", action="store_true", help="multi-process: jax.distributed.initialize()"
+    )
+    p.add_argument(
+        "--coordinator-address", default=d.coordinator_address, help="host:port of process 0"
+    )
+    p.add_argument("--num-processes", type=int, default=d.num_processes)
+    p.add_argument("--process-id", type=int, default=d.process_id)
     args = p.parse_args(argv)
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
     try:
@@ -78,10 +97,15 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
+    if config.distributed:
+        from benchmarks.parallel import initialize_distributed
+
+        initialize_distributed(config.coordinator_address, config.num_processes, config.process_id)
     from benchmarks.training import summary_line, train_and_evaluate
 
     final = train_and_evaluate(config)
-    print(summary_line(config, final), flush=True)
+    if jax.process_index() == 0:
+        print(summary_line(config, final), flush=True)
     return 0
 
 

@@ -181,28 +181,65 @@ def _opt_scalar(opt_state: Any, name: str) -> jax.Array | None:
 # Steps.
 
 
+def _cast_floats(tree: Any, dtype) -> Any:
+    def cast(x):
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    return jax.tree.map(cast, tree)
+
+
+def compute_dtype(config: Config):
+    """bfloat16 compute (float32 parameters) on accelerators, float32 on CPU, unless configured."""
+    if config.compute_dtype is not None:
+        return jnp.dtype(config.compute_dtype)
+    return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+
+
 class Trainer:
-    """Holds the split model and optimizer state and the jitted train and eval steps."""
+    """Holds the split model and optimizer state and the jitted train and eval steps.
+
+    Parameters and optimizer state are replicated over the mesh's data axis (data parallel), or,
+    with ``config.shard_params``, split along one axis of each leaf (FSDP style). Batches are
+    split over the data axis; under ``jit`` XLA inserts the cross-device reductions, so AGD's
+    norms, G and eta, and BatchNorm's batch statistics, are those of the global batch.
+    """
 
     def __init__(self, config: Config, model: nnx.Module, tx, mesh):
         self.config = config
         self.mesh = mesh
+        self.dtype = compute_dtype(config)
         optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
         model.eval()
         self.graphdef_eval, _ = nnx.split((model, optimizer))
         model.train()
         self.graphdef_train, state = nnx.split((model, optimizer))
+        if config.shard_params:
+            self.state_sharding = parallel.fsdp_shardings(mesh, state)
+        else:
+            self.state_sharding = jax.tree.map(lambda _: parallel.replicated(mesh), state)
         # Copies: some optimizers' states alias the parameters (cocob), which donation forbids.
-        self.state = jax.tree.map(jnp.copy, parallel.replicate(mesh, state))
+        self.state = jax.tree.map(jnp.copy, jax.device_put(state, self.state_sharding))
         self.schedule_free = is_schedule_free(config)
         self._train_step = jax.jit(self._train_step_impl, donate_argnums=0)
         self._eval_step = jax.jit(self._eval_step_impl)
+
+    def _forward(self, model: nnx.Module, x: jax.Array) -> jax.Array:
+        """Float32 logits; with a low-precision compute dtype, the parameters are cast for the
+        forward pass only (they stay float32 in the state, and so do BatchNorm statistics)."""
+        if self.dtype == jnp.float32:
+            return model(x).astype(jnp.float32)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        low = nnx.merge(graphdef, _cast_floats(params, self.dtype), rest)
+        logits = low(x.astype(self.dtype)).astype(jnp.float32)
+        new_rest = nnx.state(low, nnx.Not(nnx.Param))
+        nnx.update(model, jax.tree.map(lambda new, old: new.astype(old.dtype), new_rest, rest))
+        return logits
 
     def _train_step_impl(self, state, x, y):
         model, optimizer = nnx.merge(self.graphdef_train, state)
 
         def loss_fn(model):
-            logits = model(x)
+            logits = self._forward(model, x)
             return jnp.mean(per_example_loss(self.config.loss, logits, y)), logits
 
         (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
@@ -211,7 +248,10 @@ class Trainer:
         eta = _opt_scalar(optimizer.opt_state, "eta")
         if eta is not None:
             metrics["eta"] = eta
-        return nnx.state((model, optimizer)), metrics
+        new_state = jax.lax.with_sharding_constraint(
+            nnx.state((model, optimizer)), self.state_sharding
+        )
+        return new_state, metrics
 
     def _eval_step_impl(self, state, x, y, mask):
         model, optimizer = nnx.merge(self.graphdef_eval, state)
@@ -220,7 +260,7 @@ class Trainer:
             nnx.update(
                 model, optax.contrib.schedule_free_eval_params(_pure(optimizer.opt_state), params)
             )
-        logits = model(x)
+        logits = self._forward(model, x)
         losses = per_example_loss(self.config.loss, logits, y)
         correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
         return {

@@ -126,6 +126,7 @@ def test_cifar100_resnet18_with_affine_batchnorm(tmp_path):
         arch="resnet18",
         width=4,
         depth=None,
+        compute_dtype="bfloat16",
         bias=True,
         loss="mse",
     )

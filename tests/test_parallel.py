@@ -1,0 +1,276 @@
+"""Data-parallel, FSDP, pmap and shard_map AGD give the single-device results; two processes too."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import agd_optax
+from benchmarks import parallel
+from benchmarks.config import Config
+from benchmarks.training import train_and_evaluate
+from fake_data import write_cifar
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _params_close(a, b, rtol=2e-5, atol=2e-6):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def _config(tmp_path, name, **overrides):
+    values = dict(
+        epochs=2, width=64, progress=False, checkpoint=False, workdir=str(tmp_path / name)
+    )
+    return Config(**(values | overrides))
+
+
+def test_eight_devices_equal_one_device_fcn(tmp_path):
+    assert jax.device_count() == 8
+    one = train_and_evaluate(_config(tmp_path, "one"), mesh=parallel.make_mesh(1))
+    eight = train_and_evaluate(_config(tmp_path, "eight"), mesh=parallel.make_mesh(8))
+    fsdp = train_and_evaluate(
+        _config(tmp_path, "fsdp", shard_params=True), mesh=parallel.make_mesh(8)
+    )
+    assert eight["num_devices"] == 8
+    _params_close(one["params"], eight["params"])
+    _params_close(one["params"], fsdp["params"])
+    assert abs(one["test_accuracy"] - fsdp["test_accuracy"]) < 1e-6
+
+
+def test_batchnorm_statistics_are_global_under_data_parallel_jit():
+    """With the batch split over 8 devices, BatchNorm normalises with, and keeps running averages
+    of, the statistics of the whole batch: outputs and statistics equal the one-device ones."""
+    from flax import nnx
+
+    def run(mesh):
+        model = nnx.Sequential(
+            nnx.Linear(4, 16, rngs=nnx.Rngs(0)), nnx.BatchNorm(16, rngs=nnx.Rngs(0))
+        )
+        graphdef, state = nnx.split(model)
+        state = parallel.replicate(mesh, state)
+        x = jax.random.normal(jax.random.key(1), (64, 4)) * jnp.arange(1.0, 5.0)[None]
+
+        @jax.jit
+        def f(state, x):
+            model = nnx.merge(graphdef, state)
+            return model(x), nnx.state(model)
+
+        return f(state, parallel.shard_batch(mesh, np.asarray(x))[0])
+
+    out1, state1 = run(parallel.make_mesh(1))
+    out8, state8 = run(parallel.make_mesh(8))
+    np.testing.assert_allclose(out1, out8, rtol=1e-5, atol=1e-5)
+    _params_close(state1, state8)
+
+
+@pytest.mark.slow
+def test_batchnorm_resnet_data_parallel_and_fsdp(tmp_path):
+    """A whole ResNet with BatchNorm, FSDP on 8 devices against one device (slow to compile on
+    CPU; the BatchNorm test above and the FCN test cover the same behaviour quickly)."""
+    write_cifar(tmp_path / "data", "cifar10", n_per_batch=16)
+    common = dict(
+        dataset="cifar10",
+        data_dir=str(tmp_path / "data"),
+        arch="resnet18",
+        width=4,
+        depth=None,
+        epochs=1,
+        train_bs=16,
+        test_bs=16,
+        max_steps_per_epoch=3,
+        augment=False,
+        bias=True,
+    )
+    one = train_and_evaluate(_config(tmp_path, "one", **common), mesh=parallel.make_mesh(1))
+    fsdp = train_and_evaluate(
+        _config(tmp_path, "fsdp", shard_params=True, **common), mesh=parallel.make_mesh(8)
+    )
+    _params_close(one["params"], fsdp["params"], rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp_shardings_split_one_axis():
+    mesh = parallel.make_mesh(8)
+    assert parallel.fsdp_sharding(mesh, (256, 64)).spec == P("data", None)
+    assert parallel.fsdp_sharding(mesh, (3, 3, 16, 64)).spec == P(None, None, None, "data")
+    assert parallel.fsdp_sharding(mesh, (10,)).spec == P()
+    assert parallel.fsdp_sharding(mesh, ()).spec == P()
+
+
+def _problem():
+    keys = jax.random.split(jax.random.key(0), 4)
+    params = {
+        "conv": {"kernel": agd_optax.conv_init()(keys[0], (3, 3, 8, 16))},
+        "dense": {"kernel": agd_optax.dense_init()(keys[1], (16, 8)), "bias": jnp.zeros(8)},
+        "norm": {"scale": jnp.ones(16), "bias": jnp.zeros(16)},
+    }
+    x = jax.random.normal(keys[2], (32, 6, 6, 8))
+    y = jax.random.normal(keys[3], (32, 8))
+
+    def loss(p, x, y):
+        h = jax.lax.conv_general_dilated(
+            x, p["conv"]["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        h = jax.nn.relu(h).mean(axis=(1, 2))
+        h = (h - h.mean(-1, keepdims=True)) * p["norm"]["scale"][None] + p["norm"]["bias"][None]
+        return jnp.mean((h @ p["dense"]["kernel"] + p["dense"]["bias"][None] - y) ** 2)
+
+    return params, x, y, loss
+
+
+def _reference_steps(params, x, y, loss, steps=3):
+    tx = agd_optax.agd()
+    state = tx.init(params)
+    for _ in range(steps):
+        updates, state = tx.update(jax.grad(loss)(params, x, y), state, params)
+        params = optax.apply_updates(params, updates)
+    return params, state
+
+
+def test_agd_inside_pmap_with_averaged_gradients():
+    params, x, y, loss = _problem()
+    want, want_state = _reference_steps(params, x, y, loss)
+    n = jax.local_device_count()
+    tx = agd_optax.agd()
+
+    def step(params, state, x, y):
+        grads = jax.lax.pmean(jax.grad(loss)(params, x, y), "batch")
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    p_step = jax.pmap(step, axis_name="batch")
+    replicate = lambda t: jax.tree.map(lambda a: jnp.stack([a] * n), t)  # noqa: E731
+    p, s = replicate(params), replicate(tx.init(params))
+    xs, ys = x.reshape(n, -1, *x.shape[1:]), y.reshape(n, -1, *y.shape[1:])
+    for _ in range(3):
+        p, s = p_step(p, s, xs, ys)
+    _params_close(want, jax.tree.map(lambda a: a[0], p))
+    np.testing.assert_allclose(
+        optax.tree.get(s, "eta")[0], optax.tree.get(want_state, "eta"), rtol=1e-5
+    )
+
+
+def test_agd_inside_shard_map_on_parameter_shards():
+    params, x, y, loss = _problem()
+    want, want_state = _reference_steps(params, x, y, loss)
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    specs = {
+        "conv": {"kernel": P(None, None, None, "model")},
+        "dense": {"kernel": P("model", None), "bias": P()},
+        "norm": {"scale": P("model"), "bias": P("model")},
+    }
+    tx = agd_optax.agd(param_specs=specs)
+
+    def step(full, params, state, x, y):
+        # The loss sees whole parameters (a real model would gather them in its layers); AGD
+        # updates the local shards and completes its norms across the "model" axis.
+        grads = jax.lax.pmean(jax.grad(loss)(full, x, y), "data")
+        grads = jax.tree.map(
+            lambda g, spec: _local_shard(g, spec), grads, specs, is_leaf=lambda s: isinstance(s, P)
+        )
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    def _local_shard(g, spec):
+        if "model" not in spec:
+            return g
+        axis = list(spec).index("model")
+        size = g.shape[axis] // jax.lax.axis_size("model")
+        return jax.lax.dynamic_slice_in_dim(g, jax.lax.axis_index("model") * size, size, axis)
+
+    f = jax.jit(
+        jax.shard_map(
+            step,
+            mesh=mesh,
+            in_specs=(P(), specs, P(), P("data"), P("data")),
+            out_specs=(specs, P()),
+            check_vma=False,
+        )
+    )
+    put = lambda t, s: jax.tree.map(  # noqa: E731
+        lambda a, sp: jax.device_put(a, NamedSharding(mesh, sp)),
+        t,
+        s,
+        is_leaf=lambda v: isinstance(v, P),
+    )
+    p = put(params, specs)
+    state = jax.device_put(tx.init(params), NamedSharding(mesh, P()))
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    ys = jax.device_put(y, NamedSharding(mesh, P("data")))
+    for _ in range(3):
+        full = jax.device_put(p, NamedSharding(mesh, P()))
+        p, state = f(full, p, state, xs, ys)
+    _params_close(want, p)
+    np.testing.assert_allclose(
+        optax.tree.get(state, "eta"), optax.tree.get(want_state, "eta"), rtol=1e-5
+    )
+
+
+def test_param_specs_that_do_not_fit_raise():
+    params = {"dense": {"kernel": jnp.zeros((4, 4))}}
+    tx = agd_optax.agd(param_specs={"dense": {"kernel": P("x", None, None)}})
+    with pytest.raises(ValueError, match="'dense/kernel'.*more entries"):
+        tx.update(params, tx.init(params))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_and_checkpoint(tmp_path):
+    """Two CPU processes of two devices each, jax.distributed on localhost, against one process
+    of four devices: same metrics, one set of files, checkpoints of every epoch."""
+    port = _free_port()
+    env = dict(
+        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2"
+    )
+    args = [
+        sys.executable,
+        "-m",
+        "benchmarks.train",
+        "--epochs",
+        "2",
+        "--width",
+        "64",
+        "--no-progress",
+        "--workdir",
+        str(tmp_path / "multi"),
+        "--distributed",
+        "--coordinator-address",
+        f"localhost:{port}",
+        "--num-processes",
+        "2",
+    ]
+    procs = [
+        subprocess.Popen(
+            args + ["--process-id", str(i)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "test accuracy" in outs[0] and "on 4 device(s)" in outs[0]
+    assert "test accuracy" not in outs[1]  # The summary is printed once.
+    summary = json.loads((tmp_path / "multi" / "summary.json").read_text())
+    assert sorted(os.listdir(tmp_path / "multi" / "checkpoints")) == ["1", "2"]
+
+    single = train_and_evaluate(_config(tmp_path, "single"), mesh=parallel.make_mesh(4))
+    assert summary["test_accuracy"] == pytest.approx(single["test_accuracy"], abs=1e-6)
+    assert summary["test_loss"] == pytest.approx(single["test_loss"], rel=1e-4)
