@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from fake_data import write_cifar
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -18,7 +19,6 @@ import agd_optax
 from benchmarks import parallel
 from benchmarks.config import Config
 from benchmarks.training import train_and_evaluate
-from fake_data import write_cifar
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
