@@ -95,9 +95,10 @@ def train_batches(
     if bs % n_proc:
         raise ValueError(f"train_bs {bs} is not divisible by the {n_proc} processes")
     local = bs // n_proc
-    if isinstance(data, ImageNetData):
-        for x, y in data.train_loader(bs, seed=config.seed, epoch=epoch):
-            yield x[proc * local : (proc + 1) * local], y[proc * local : (proc + 1) * local]
+    if isinstance(data, ImageNetData):  # Each process decodes only its own images.
+        yield from data.train_loader(
+            local, seed=config.seed, epoch=epoch, shard_index=proc, shard_count=n_proc
+        )
         return
     order = np.random.default_rng([config.seed, epoch]).permutation(data.num_train)
     augment_rng = np.random.default_rng([config.seed, epoch, 1])

@@ -513,3 +513,27 @@ def test_load_dataset_errors():
         load_dataset("svhn")
     with pytest.raises(ValueError, match="only apply to 'imagenet'"):
         load_dataset("digits", image_size=32)
+
+
+def test_imagenet_train_loader_shards_per_process(tmp_path):
+    """Each process of a multi-host run decodes only its own, disjoint, share of every epoch."""
+    from fake_data import write_imagenet
+
+    from benchmarks.data import load_imagenet
+
+    data = load_imagenet(
+        write_imagenet(tmp_path / "inet", per_class=6), image_size=16, num_workers=0
+    )
+    whole = [y for _, ys in data.train_loader(4, seed=3, epoch=1) for y in ys]
+    parts = [
+        [
+            y
+            for _, ys in data.train_loader(2, seed=3, epoch=1, shard_index=i, shard_count=2)
+            for y in ys
+        ]
+        for i in range(2)
+    ]
+    assert len(parts[0]) == len(parts[1]) == 6
+    assert sorted(parts[0] + parts[1]) == sorted(whole)
+    with pytest.raises(ValueError, match="shard_index 2"):
+        next(data.train_loader(2, shard_index=2, shard_count=2))

@@ -224,17 +224,32 @@ class ImageNetData:
         return _closing(iter(it))
 
     def train_loader(
-        self, batch_size: int, *, seed: int = 0, epoch: int = 0, drop_remainder: bool = True
+        self,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        epoch: int = 0,
+        drop_remainder: bool = True,
+        shard_index: int = 0,
+        shard_count: int = 1,
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """A generator over one epoch of shuffled, augmented training batches.
 
         Order and augmentations are deterministic given ``(seed, epoch)`` and
         ``num_workers`` (each worker batches its own slice of the shuffled data). Worker
-        processes stop when the generator is exhausted or closed.
+        processes stop when the generator is exhausted or closed. With ``shard_count > 1``
+        (one shard per process of a multi-host run) this process reads and decodes only every
+        ``shard_count``-th image of the shuffled order, from ``shard_index``; ``batch_size`` is
+        then the per-process batch.
         """
         import grain
 
+        if not 0 <= shard_index < shard_count:
+            raise ValueError(f"shard_index {shard_index} is not in [0, {shard_count})")
         ds = grain.MapDataset.source(self.train_source).shuffle(seed=_derive_seed(seed, epoch, 0))
+        if shard_count > 1:
+            usable = len(ds) - len(ds) % shard_count  # Every shard gets as many images.
+            ds = ds[shard_index:usable:shard_count]
         ds = ds.random_map(
             functools.partial(train_transform, image_size=self.image_size),
             seed=_derive_seed(seed, epoch, 1),
