@@ -94,6 +94,11 @@ def _agd_updates(
         if lay.kind == "weight":
             rest = lay.spatial_axes + lay.stack_axes  # Positions and slices held by other devices.
             total = total + lay.scale * _psum(jnp.sum(n), sharding(i, rest))
+    # A NaN or Inf anywhere, biases and norm-layer parameters included (they are not in G),
+    # makes G NaN, so every update is NaN rather than one leaf silently carrying it.
+    for i, (q, lay) in enumerate(zip(sq, layouts)):
+        rest = tuple(a for a in range(q.ndim) if a not in lay.reduce_axes)
+        total = total + _psum(0.0 * jnp.sum(q), sharding(i, rest))
     G = total / depth
     eta = jnp.log((1.0 + jnp.sqrt(1.0 + 4.0 * G)) / 2.0)
     step = eta / depth

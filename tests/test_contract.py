@@ -33,36 +33,33 @@ def _ids(problem):
 
 
 def _loss(problem):
-    """problem.loss, traced with implicit rank promotion allowed: tests/zoo.py adds biases and
-    LayerNorm parameters of shape (d,) to activations of shape (n, d), which the conftest's
-    jax_numpy_rank_promotion='raise' refuses."""
+    return problem.loss
 
-    def loss(params):
-        with jax.numpy_rank_promotion("allow"):
-            return problem.loss(params)
 
-    return loss
+def _key(seed):
+    """An "rbg" PRNG key: its random bits compile in a fraction of threefry's time on CPU."""
+    return jax.random.key(seed, impl="rbg")
 
 
 @functools.cache
-def _setup_fn(name):
+def _jitted(name):
     problem = BY_NAME[name]
+    return jax.jit(problem.init), jax.jit(jax.grad(_loss(problem)))
 
-    @jax.jit
-    def make(key):
-        params = problem.init(key)
-        return params, jax.grad(_loss(problem))(params)
 
-    return make
+@functools.cache
+def _init(name, seed):
+    return _jitted(name)[0](_key(seed))
 
 
 @functools.cache
 def _setup(name, seed):
-    return _setup_fn(name)(jax.random.key(seed))
+    params = _init(name, seed)
+    return params, _jitted(name)[1](params)
 
 
 def _params_and_grads(problem, seed=0):
-    """(params, grads) of a zoo problem at its AGD initialisation: one compilation per problem."""
+    """(params, grads) of a zoo problem at its AGD initialisation, computed once."""
     return _setup(problem.name, seed)
 
 
@@ -139,7 +136,7 @@ def test_converges_in_scan_under_jit(problem):
         (p, s), losses = jax.lax.scan(body, (params, tx.init(params)), length=problem.steps)
         return s, losses, loss_fn(p)
 
-    state, losses, final = train(_params_and_grads(problem)[0])
+    state, losses, final = train(_init(problem.name, 0))
     losses, final = _np(losses), float(final)
     initial = float(losses[0])
     assert np.all(np.isfinite(losses)) and math.isfinite(final)
@@ -231,10 +228,15 @@ def test_mixed_bfloat16_float32_tree(problem):
     dtypes = [jnp.bfloat16 if i % 2 == 0 else jnp.float32 for i in range(treedef.num_leaves)]
 
     def mix(tree):
-        return jax.tree.unflatten(treedef, [x.astype(d) for x, d in zip(jax.tree.leaves(tree), dtypes)])
+        return jax.tree.unflatten(
+            treedef, [x.astype(d) for x, d in zip(jax.tree.leaves(tree), dtypes)]
+        )
 
     params, grads = mix(params), mix(grads)
-    assert set(jax.tree.leaves(_dtypes(params))) == {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}
+    assert set(jax.tree.leaves(_dtypes(params))) == {
+        jnp.dtype(jnp.bfloat16),
+        jnp.dtype(jnp.float32),
+    }
     _check_precision(params, grads)
 
 
@@ -242,10 +244,14 @@ def test_mixed_bfloat16_float32_tree(problem):
 # 4. State structure and dtypes stable under lax.cond.
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
-def test_state_stable_under_cond(dtype):
+@pytest.mark.parametrize(
+    ("dtype", "x64"),
+    [("float32", False), ("bfloat16", False), ("float32", True), ("float64", True)],
+    ids=["float32", "bfloat16", "float32-x64", "float64-x64"],
+)
+def test_state_stable_under_cond(dtype, x64):
     params, grads = _params_and_grads(BY_NAME["mlp_bias_layernorm"])
-    with jax.enable_x64(dtype == "float64"):
+    with jax.enable_x64(x64):
         params, grads = _cast(params, dtype), _cast(grads, dtype)
         tx = agd_optax.agd()
         state = tx.init(params)
@@ -373,7 +379,7 @@ def test_apply_if_finite_skips_nan_step(problem):
     assert bool(state.last_finite) and int(state.total_notfinite) == 0
 
     n_leaves = len(jax.tree.leaves(params))
-    for i in (1, 2):  # A NaN in a weight, then in the last leaf (a bias or a weight).
+    for i in (1, 2):  # A NaN in the first leaf, then in the last (kernels, biases, norms).
         bad = _poison(_params_and_grads(problem, 1)[1], 0 if i == 1 else n_leaves - 1, jnp.nan)
         new_params, state = step(params, state, bad)
         _assert_trees_equal(new_params, params)
@@ -477,12 +483,11 @@ def test_tree_get_reads_eta_and_count():
 
 class NNXMLP(nnx.Module):
     def __init__(self, rngs):
-        init = agd_optax.dense_init()
-        self.l0 = nnx.Linear(8, 32, kernel_init=init, rngs=rngs)
+        self.l0 = nnx.Linear(8, 32, rngs=rngs)
         self.n0 = nnx.LayerNorm(32, rngs=rngs)
-        self.l1 = nnx.Linear(32, 32, kernel_init=init, rngs=rngs)
+        self.l1 = nnx.Linear(32, 32, rngs=rngs)
         self.n1 = nnx.LayerNorm(32, rngs=rngs)
-        self.l2 = nnx.Linear(32, 4, kernel_init=init, rngs=rngs)
+        self.l2 = nnx.Linear(32, 4, rngs=rngs)
 
     def __call__(self, x):
         x = math.sqrt(2.0) * nnx.relu(self.n0(self.l0(x)))
@@ -498,7 +503,7 @@ def _regression_batch():
         w = jax.random.normal(kw, (8, 4)) / math.sqrt(8)
         return x, 2.0 * jnp.tanh(x @ w)
 
-    return make(jax.random.key(10), jax.random.key(11))
+    return make(_key(10), _key(11))
 
 
 def _opt_eta(optimizer):
@@ -507,7 +512,7 @@ def _opt_eta(optimizer):
 
 def test_nnx_optimizer_mlp_trains():
     x, y = _regression_batch()
-    model = nnx.jit(lambda: NNXMLP(nnx.Rngs(0)))()
+    model = nnx.jit(lambda: NNXMLP(nnx.Rngs(_key(0))))()
     optimizer = nnx.Optimizer(model, agd_optax.agd(), wrt=nnx.Param)
 
     def loss_fn(model):
@@ -521,7 +526,7 @@ def test_nnx_optimizer_mlp_trains():
 
     losses = [float(train_step(model, optimizer)) for _ in range(40)]
     assert all(math.isfinite(v) for v in losses)
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert losses[-1] < 0.25 * losses[0], losses
     assert math.isfinite(_opt_eta(optimizer)) and _opt_eta(optimizer) > 0.0
 
 
@@ -545,7 +550,7 @@ class NNXAttentionConv(nnx.Module):
 def test_nnx_roles_attention_embed_conv_model():
     ids = np.arange(24).reshape(4, 6) % 16
     labels = np.arange(4) % 4
-    model = nnx.jit(lambda: NNXAttentionConv(nnx.Rngs(0)))()
+    model = nnx.jit(lambda: NNXAttentionConv(nnx.Rngs(_key(0))))()
     with pytest.raises(agd_optax.RoleError, match="conv/kernel"):
         nnx.Optimizer(model, agd_optax.agd(), wrt=nnx.Param)
     optimizer = nnx.Optimizer(model, agd_optax.agd(roles=agd_optax.nnx_roles(model)), wrt=nnx.Param)
@@ -562,7 +567,9 @@ def test_nnx_roles_attention_embed_conv_model():
     train_step(model, optimizer)
     after = nnx.as_pure(nnx.state(model, nnx.Param))
     weights = []
-    for (path, b), a in zip(jax.tree_util.tree_flatten_with_path(before)[0], jax.tree.leaves(after)):
+    for (path, b), a in zip(
+        jax.tree_util.tree_flatten_with_path(before)[0], jax.tree.leaves(after)
+    ):
         where = jax.tree_util.keystr(path)
         delta = _np(a) - _np(b)
         assert np.all(np.isfinite(delta)), where
@@ -580,16 +587,15 @@ def test_nnx_roles_attention_embed_conv_model():
 class LinenMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
-        init = agd_optax.dense_init()
-        x = math.sqrt(2.0) * nn.relu(nn.LayerNorm()(nn.Dense(32, kernel_init=init)(x)))
-        x = math.sqrt(2.0) * nn.relu(nn.LayerNorm()(nn.Dense(32, kernel_init=init)(x)))
-        return nn.Dense(4, kernel_init=init)(x)
+        x = math.sqrt(2.0) * nn.relu(nn.LayerNorm()(nn.Dense(32)(x)))
+        x = math.sqrt(2.0) * nn.relu(nn.LayerNorm()(nn.Dense(32)(x)))
+        return nn.Dense(4)(x)
 
 
 def test_linen_train_state_trains():
     x, y = _regression_batch()
     model = LinenMLP()
-    variables = jax.jit(model.init)(jax.random.key(0), x)
+    variables = jax.jit(model.init)(_key(0), x)
     state = train_state.TrainState.create(
         apply_fn=model.apply, params=variables["params"], tx=agd_optax.agd()
     )
@@ -607,7 +613,7 @@ def test_linen_train_state_trains():
         state, loss = train_step(state)
         losses.append(float(loss))
     assert all(math.isfinite(v) for v in losses)
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert losses[-1] < 0.25 * losses[0], losses
     assert int(optax.tree.get(state.opt_state, "count")) == 40
     assert _eta(state.opt_state) > 0.0
 
@@ -635,7 +641,9 @@ def _sharding_problem():
 
     is_shape = lambda s: isinstance(s, tuple)
     params = jax.tree.map(
-        lambda s: normal(s, 1.0 / math.sqrt(s[-2] if len(s) > 1 else 4)), _SHARDING_SHAPES, is_leaf=is_shape
+        lambda s: normal(s, 1.0 / math.sqrt(s[-2] if len(s) > 1 else 4)),
+        _SHARDING_SHAPES,
+        is_leaf=is_shape,
     )
     grads = jax.tree.map(normal, _SHARDING_SHAPES, is_leaf=is_shape)
     return params, grads
@@ -676,8 +684,11 @@ def _unsharded_two_steps():
     return state, _two_steps(params, state, grads)
 
 
-@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
-@pytest.mark.parametrize("two_axes", [False, True], ids=["mesh8", "mesh4x2"])
+@pytest.mark.parametrize(
+    ("two_axes", "axis_type"),
+    [(False, AxisType.Auto), (False, AxisType.Explicit), (True, AxisType.Explicit)],
+    ids=["mesh8-auto", "mesh8-explicit", "mesh4x2-explicit"],  # Explicit: make_mesh's default.
+)
 def test_sharded_updates_match_unsharded(two_axes, axis_type):
     assert jax.device_count() == 8
     if two_axes:
@@ -700,9 +711,17 @@ def test_sharded_updates_match_unsharded(two_axes, axis_type):
         _assert_trees_close(a, b, rtol=1e-6, atol=1e-7)
     assert jax.tree.structure(sh_state) == jax.tree.structure(ref_state)
     assert _avals(sh_state) == _avals(ref_state)
-    np.testing.assert_allclose(_G(sh_state), _G(ref_state), rtol=1e-6)
-    np.testing.assert_allclose(_eta(sh_state), _eta(ref_state), rtol=1e-6)
+    # eta and G are the same number, up to the order of a partitioned sum (a few ulp at most).
+    for field in ("eta", "G"):
+        a, b = optax.tree.get(sh_state, field), optax.tree.get(ref_state, field)
+        np.testing.assert_array_max_ulp(np.asarray(a), np.asarray(b), maxulp=4)
     assert int(sh_state[0].count) == 2
+    # Updates and new params stay sharded like the params (no gather); the state is replicated.
+    for tree in sh_trees:
+        for x, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+            assert x.sharding.is_equivalent_to(sharding, x.ndim), (x.sharding, sharding)
+    for x in jax.tree.leaves(sh_state):
+        assert x.sharding.is_fully_replicated
 
 
 # --------------------------------------------------------------------------------------------------

@@ -68,12 +68,12 @@ def mlp(bias: bool = False, layer_norm: bool = False) -> Problem:
         for i in range(len(sizes)):
             h = h @ p[f"dense{i}"]["kernel"]
             if bias:
-                h = h + p[f"dense{i}"]["bias"]
+                h = h + p[f"dense{i}"]["bias"][None, :]
             if i < len(sizes) - 1:
                 if layer_norm:
                     mu = h.mean(-1, keepdims=True)
                     h = (h - mu) / jnp.sqrt(h.var(-1, keepdims=True) + 1e-6)
-                    h = h * p[f"norm{i}"]["scale"] + p[f"norm{i}"]["bias"]
+                    h = h * p[f"norm{i}"]["scale"][None, :] + p[f"norm{i}"]["bias"][None, :]
                 h = math.sqrt(2.0) * jax.nn.relu(h)
         return jnp.mean(jnp.sum((h - y) ** 2, axis=-1))
 
