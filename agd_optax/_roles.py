@@ -310,26 +310,32 @@ def _is_role_leaf(x: Any) -> bool:
 
 
 def _broadcast_roles(roles: Any, params: Any) -> list[Role | None]:
-    """Expands a roles pytree or prefix pytree to one role (or None: infer) per leaf of params."""
-    if isinstance(roles, Role | str):
-        keys = [path_to_keys(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-        return [as_role(roles, path_to_str(k)) for k in keys]
-    try:
-        nested = jax.tree.map(
-            lambda r, sub: jax.tree.map(lambda _: r, sub), roles, params, is_leaf=_is_role_leaf
-        )
-    except (ValueError, TypeError) as e:
-        raise RoleError(
-            "the roles tree does not match the parameters: it must have the parameters' structure or "
-            f"a prefix of it, with a role (or 'infer') at each of its leaves. JAX says: {e}"
-        ) from None
+    """Expands a roles pytree or prefix pytree to one role (or None: infer) per leaf of params.
+
+    Matching goes by path, not by container type, so a plain dict of roles fits an ``nnx.State``
+    of parameters (or a ``FrozenDict``) with the same keys: each leaf takes the role at the
+    longest prefix of its path.
+    """
+    keys = [path_to_keys(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    entries: dict[tuple[str, ...], Any] = {}
+    for path, value in jax.tree_util.tree_flatten_with_path(roles, is_leaf=_is_role_leaf)[0]:
+        entries[path_to_keys(path)] = value
+    used: set[tuple[str, ...]] = set()
     out = []
-    for path, value in jax.tree_util.tree_flatten_with_path(nested, is_leaf=_is_role_leaf)[0]:
-        out.append(as_role(value, path_to_str(path_to_keys(path))))
-    n_params = len(jax.tree.leaves(params))
-    if len(out) != n_params:  # A subtree of params replaced by a non-role value.
+    for k in keys:
+        prefix = next((k[:n] for n in range(len(k), -1, -1) if k[:n] in entries), None)
+        if prefix is None:
+            raise RoleError(
+                f"the roles tree does not match the parameters: it gives no role for leaf "
+                f"'{path_to_str(k)}' (give a role, or 'infer', at that path or a prefix of it)"
+            )
+        used.add(prefix)
+        out.append(as_role(entries[prefix], path_to_str(k)))
+    unused = sorted(path_to_str(k) for k in set(entries) - used)
+    if unused:
         raise RoleError(
-            f"the roles tree does not match the parameters: {len(out)} roles for {n_params} leaves"
+            f"the roles tree does not match the parameters: its entries {unused[:5]} match no "
+            "parameter"
         )
     return out
 

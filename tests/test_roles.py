@@ -150,9 +150,9 @@ def test_undecidable_leaves_raise_naming_the_path(params, match):
 
 def test_roles_tree_that_does_not_match_raises():
     params = {"a": {"kernel": jnp.zeros((2, 3))}, "b": {"kernel": jnp.zeros((3, 2))}}
-    with pytest.raises(RoleError, match="does not match"):
+    with pytest.raises(RoleError, match="does not match.*no role for leaf 'b/kernel'"):
         agd_optax.resolve_layouts(params, {"a": "dense"})
-    with pytest.raises(RoleError, match="does not match"):
+    with pytest.raises(RoleError, match=r"does not match.*\['c'\] match no parameter"):
         agd_optax.resolve_layouts(params, {"a": "dense", "b": "dense", "c": "dense"})
     with pytest.raises(RoleError, match="'b/kernel'.*42"):
         agd_optax.resolve_layouts(params, {"a": "dense", "b": {"kernel": 42}})
@@ -210,3 +210,13 @@ def test_bad_role_arguments_raise():
         agd_optax.resolve_layouts(
             {"c": {"kernel": jnp.zeros((3, 3, 2, 6))}}, {"c": {"kernel": agd_optax.conv(groups=4)}}
         )
+
+
+def test_plain_dict_roles_fit_an_nnx_state():
+    model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.LayerNorm(4, rngs=nnx.Rngs(0)))
+    state = nnx.state(model, nnx.Param)
+    roles = {"layers": {0: {"kernel": agd_optax.dense(1, 0), "bias": "bias"}, 1: "norm"}}
+    lay = agd_optax.resolve_layouts(state, roles)
+    weight = next(x for x in lay if x.kind == "weight")
+    assert weight.scale == pytest.approx(math.sqrt(3 / 4))  # read as (out, in): 4 -> 3
+    assert sorted(x.kind for x in lay) == ["bias", "norm", "norm", "weight"]
