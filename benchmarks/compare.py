@@ -23,6 +23,7 @@ training set, so no choice ever sees examples that are test examples of the run 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import io
@@ -109,12 +110,12 @@ SUITES: dict[str, tuple[Workload, ...]] = {
         Workload(
             "mnist1d_mlp",
             "MNIST-1D, FCN depth 3 width 256, cross-entropy",
-            dict(dataset="mnist1d", arch="fcn", depth=3, width=256, loss="xent", epochs=30),
+            dict(dataset="mnist1d", arch="fcn", depth=3, width=256, loss="xent", epochs=60),
         ),
         Workload(
             "mnist1d_cnn",
             "MNIST-1D, CNN1D (3 convs of 32 channels + linear), cross-entropy",
-            dict(dataset="mnist1d", arch="cnn1d", depth=4, width=32, loss="xent", epochs=30),
+            dict(dataset="mnist1d", arch="cnn1d", depth=4, width=32, loss="xent", epochs=60),
         ),
     ),
     # The paper's workloads (square loss and batch 128 on CIFAR; cross-entropy and batch 1024 on
@@ -286,8 +287,8 @@ def _clean(x: Any) -> Any:
         return [_clean(v) for v in x]
     if isinstance(x, np.generic):
         x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
+    if isinstance(x, float):
+        return float(f"{x:.6g}") if math.isfinite(x) else None
     return x
 
 
@@ -523,11 +524,26 @@ def markdown(suite: str, result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _colors(n: int):
+_COLORS = {
+    "agd": "tab:blue",
+    "agd_gain10": "tab:cyan",
+    "sgd_momentum": "tab:orange",
+    "adam": "tab:green",
+    "nadamw": "tab:red",
+    "prodigy": "tab:purple",
+    "dog": "tab:brown",
+    "dadapt_adamw": "tab:pink",
+    "cocob": "tab:gray",
+    "mechanize": "tab:olive",
+    "schedule_free_adamw": "black",
+}
+
+
+def _colors(cells: Sequence[dict[str, Any]]) -> list[Any]:
     import matplotlib
 
-    cmap = matplotlib.colormaps["tab20"]
-    return [cmap(i % 20) for i in range(n)]
+    spare = matplotlib.colormaps["tab20"]
+    return [_COLORS.get(c["label"], spare(i % 20)) for i, c in enumerate(cells)]
 
 
 def plot_curves(result: dict[str, Any], path: str) -> None:
@@ -539,7 +555,7 @@ def plot_curves(result: dict[str, Any], path: str) -> None:
     workloads = result["workloads"]
     fig, axes = plt.subplots(1, len(workloads), figsize=(6.5 * len(workloads), 4.5), squeeze=False)
     for ax, w in zip(axes[0], workloads):
-        colors = _colors(len(w["cells"]))
+        colors = _colors(w["cells"])
         for color, cell in zip(colors, w["cells"]):
             curves = [r["curve"] for r in cell["final_runs"]]
             n = min(len(c) for c in curves)
@@ -582,29 +598,33 @@ def plot_compute(result: dict[str, Any], path: str) -> None:
     workloads = result["workloads"]
     fig, axes = plt.subplots(1, len(workloads), figsize=(6.5 * len(workloads), 4.5), squeeze=False)
     for ax, w in zip(axes[0], workloads):
-        colors = _colors(len(w["cells"]))
-        for color, cell, s in zip(colors, w["cells"], w["summary"]["cells"]):
+        colors = _colors(w["cells"])
+        summaries = w["summary"]["cells"]
+        # Cells with the same compute (every untuned one) are spread slightly along x to be seen.
+        groups: dict[float, list[int]] = collections.defaultdict(list)
+        for i, s in enumerate(summaries):
+            groups[s["total_steps"]].append(i)
+        spread = {}
+        for members in groups.values():
+            for k, i in enumerate(members):
+                spread[i] = 1.03 ** (k - (len(members) - 1) / 2)
+        for i, (color, cell, s) in enumerate(zip(colors, w["cells"], summaries)):
             marker = "*" if cell["optimizer"] == "agd" else "s" if cell["tuned"] else "o"
             ax.errorbar(
-                s["total_steps"],
+                s["total_steps"] * spread[i],
                 s["mean"],
                 yerr=s["std"],
                 fmt=marker,
                 color=color,
-                ms=11 if marker == "*" else 7,
+                ms=12 if marker == "*" else 7,
                 capsize=3,
                 label=cell["label"],
             )
-            ax.annotate(
-                cell["label"],
-                (s["total_steps"], s["mean"]),
-                fontsize=7,
-                xytext=(4, 3),
-                textcoords="offset points",
-            )
         ax.set_xscale("log")
         ax.set_title(w["title"], fontsize=9)
-        ax.set_xlabel("total training steps, learning-rate grid included (log)")
+        ax.set_xlabel(
+            "total training steps, learning-rate grid included (log; equal values spread)"
+        )
         ax.set_ylabel("final test accuracy (mean ± std)")
         ax.grid(alpha=0.3, which="both")
     axes[0][-1].legend(fontsize=7, loc="lower right")
@@ -653,7 +673,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--quick", action="store_true", help="smoke run: 1 seed, 2 epochs, 2 grid points"
     )
     p.add_argument("--verbose", action="store_true", help="show the per-epoch lines of every run")
+    p.add_argument(
+        "--from-json",
+        default=None,
+        help="train nothing: redraw the table and plots of a saved <suite>.json into --out",
+    )
     args = p.parse_args(argv)
+    if args.from_json:
+        return args
     if args.quick:
         args.seeds, args.epochs = 1, args.epochs or 2
         args.grid = args.grid or "2"
@@ -670,6 +697,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            write_outputs(json.load(f), args.out, write_json=False)
+        return 0
     import jax
     import optax
 
@@ -745,24 +776,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     result["meta"]["suite_wall_s"] = time.perf_counter() - t_start
 
-    os.makedirs(args.out, exist_ok=True)
+    write_outputs(result, args.out)
+    return 0
+
+
+def write_outputs(result: dict[str, Any], out: str, write_json: bool = True) -> dict[str, str]:
+    """The table, the JSON and the two plots of a suite's result, under ``out``."""
+    suite = result["suite"]
+    os.makedirs(out, exist_ok=True)
     paths = {
-        "markdown": os.path.join(args.out, f"{suite}.md"),
-        "json": os.path.join(args.out, f"{suite}.json"),
-        "curves": os.path.join(args.out, f"{suite}_curves.png"),
-        "compute": os.path.join(args.out, f"{suite}_compute.png"),
+        "markdown": os.path.join(out, f"{suite}.md"),
+        "json": os.path.join(out, f"{suite}.json"),
+        "curves": os.path.join(out, f"{suite}_curves.png"),
+        "compute": os.path.join(out, f"{suite}_compute.png"),
     }
     text = markdown(suite, result)
     with open(paths["markdown"], "w") as f:
         f.write(text + "\n")
-    with open(paths["json"], "w") as f:
-        json.dump(_clean(result), f, indent=1)
-        f.write("\n")
+    if write_json:
+        with open(paths["json"], "w") as f:
+            json.dump(_clean(result), f, separators=(",", ":"))
+            f.write("\n")
     plot_curves(result, paths["curves"])
     plot_compute(result, paths["compute"])
     print(text, flush=True)
+    if not write_json:
+        del paths["json"]
     print("wrote " + ", ".join(paths.values()), flush=True)
-    return 0
+    return paths
 
 
 if __name__ == "__main__":
