@@ -96,9 +96,12 @@ def _agd_updates(
             total = total + lay.scale * _psum(jnp.sum(n), sharding(i, rest))
     # A NaN or Inf anywhere, biases and norm-layer parameters included (they are not in G),
     # makes G NaN, so every update is NaN rather than one leaf silently carrying it.
+    # (A weight's NaN or Inf is in the total already; 0 * total turns an Inf into NaN.)
     for i, (q, lay) in enumerate(zip(sq, layouts)):
-        rest = tuple(a for a in range(q.ndim) if a not in lay.reduce_axes)
-        total = total + _psum(0.0 * jnp.sum(q), sharding(i, rest))
+        if lay.kind != "weight":
+            rest = tuple(a for a in range(q.ndim) if a not in lay.reduce_axes)
+            total = total + _psum(0.0 * jnp.sum(q), sharding(i, rest))
+    total = total + 0.0 * total
     G = total / depth
     eta = jnp.log((1.0 + jnp.sqrt(1.0 + 4.0 * G)) / 2.0)
     step = eta / depth

@@ -506,6 +506,15 @@ def markdown(suite: str, result: dict[str, Any]) -> str:
             f"Best mean final test accuracy {summ['best_mean_accuracy']:.4f}; "
             f"95% of it: {summ['target_accuracy']:.4f}.",
             "",
+        ]
+        if any(c.get("tuned_per_seed") for c in w["cells"]):
+            lines += [
+                "This dataset's train/test split is drawn from the seed, so each tuned optimizer's "
+                "grid is run on every seed's own training set (one grid per seed, all counted in "
+                "its compute) and the learning rates chosen are listed per seed.",
+                "",
+            ]
+        lines += [
             "| optimizer | learning rate | test accuracy | steps to 95% of best | grid runs "
             "| total steps (incl. grid) | total wall s (incl. grid) |",
             "| --- | --- | --- | --- | --- | --- | --- |",

@@ -554,8 +554,9 @@ def markdown(result: dict[str, Any], args: argparse.Namespace, command: str) -> 
             f"{result['hlo_leaves']} leaves)",
             "",
             "Fusions (kernels) in the compiled program's entry computation. A pass over a leaf "
-            "reads a whole leaf: a reduction (a norm) or an elementwise pass (update and apply, "
-            "fused); small fusions work on per-leaf norms and scalars.",
+            "reads a whole leaf: a reduction (into a norm) or an elementwise pass (writes a whole "
+            "leaf: the fused update-and-apply, or a temporary such as a squared gradient); small "
+            "fusions work on per-leaf norms and scalars.",
             "",
             "| optimizer | fusions | reduction passes | elementwise passes | small fusions "
             "| other ops |",

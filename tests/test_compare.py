@@ -1,0 +1,159 @@
+"""The evidence suite (benchmarks.compare): learning-rate selection, steps-to-target, compute
+accounting, and a quick digits run that writes the table, the plots and the JSON."""
+
+import json
+import math
+
+import pytest
+
+from benchmarks import compare
+from benchmarks.compare import Entry, Workload
+
+
+def _grid_record(lr, val_accuracy, val_loss=1.0, **extra):
+    return dict(lr=lr, split="validation", val_accuracy=val_accuracy, val_loss=val_loss, **extra)
+
+
+def test_select_lr_picks_the_best_validation_accuracy_and_ignores_anything_else():
+    records = [
+        # Bait: fields a careless selection might read point at 0.1 everywhere.
+        _grid_record(0.01, 0.90, test_accuracy=0.99, accuracy=0.99),
+        _grid_record(0.03, 0.95, test_accuracy=0.50, accuracy=0.50),
+        _grid_record(0.1, 0.80, test_accuracy=1.00, accuracy=1.00),
+    ]
+    assert compare.select_lr(records) == 0.03
+
+
+def test_select_lr_refuses_records_that_are_not_validation_runs():
+    records = [_grid_record(0.01, 0.9), dict(lr=0.1, split="test", val_accuracy=1.0, val_loss=0.0)]
+    with pytest.raises(ValueError, match="validation"):
+        compare.select_lr(records)
+    with pytest.raises(ValueError, match="validation"):  # A record without a split: refused too.
+        compare.select_lr([dict(lr=0.1, val_accuracy=1.0, val_loss=0.0)])
+    with pytest.raises(ValueError):
+        compare.select_lr([])
+
+
+def test_select_lr_ties_and_diverged_runs():
+    tie = [_grid_record(0.1, 0.9, 0.5), _grid_record(0.01, 0.9, 0.3), _grid_record(0.03, 0.9, 0.3)]
+    assert compare.select_lr(tie) == 0.01  # Lower loss first, then the smaller learning rate.
+    diverged = [_grid_record(1.0, math.nan, math.nan), _grid_record(0.1, 0.2, 2.0)]
+    assert compare.select_lr(diverged) == 0.1
+
+
+def test_steps_to_target_on_a_hand_made_curve():
+    rows = [
+        {"epoch": 1, "test_accuracy": 0.50},
+        {"epoch": 2, "test_accuracy": 0.80},
+        {"epoch": 3, "test_accuracy": None},  # A missing value is skipped, not a crash.
+        {"epoch": 4, "test_accuracy": 0.93},
+        {"epoch": 5, "test_accuracy": 0.91},
+    ]
+    assert compare.steps_to_target(rows, 0.80, steps_per_epoch=10) == 20  # Reached exactly.
+    assert compare.steps_to_target(rows, 0.92, steps_per_epoch=10) == 40
+    assert compare.steps_to_target(rows, 0.95, steps_per_epoch=10) is None
+    assert compare.steps_to_target(rows, 0.0, steps_per_epoch=7) == 7
+    val = [{"epoch": 1, "val_accuracy": 0.9}]
+    assert compare.steps_to_target(val, 0.5, 3, key="val_accuracy") == 3
+
+
+def test_mean_std_and_grid_parsing():
+    assert compare.mean_std([0.9]) == (0.9, 0.0)
+    mean, std = compare.mean_std([0.8, 1.0])
+    assert mean == pytest.approx(0.9) and std == pytest.approx(math.sqrt(0.02))
+    assert compare.parse_grid(None) is None
+    assert compare.parse_grid("3") == 3
+    assert compare.parse_grid("1e-3, 1e-2") == (1e-3, 1e-2)
+    with pytest.raises(ValueError):
+        compare.parse_grid("-1,2")
+    assert compare.grid_points(1e-4, 1e-2, 3) == (1e-4, 1e-3, 1e-2)
+    entries = {e.label: e for e in compare.entries_for(2, None, "digits")}
+    assert entries["adam"].grid == (1e-4, 1e-2) and entries["agd"].grid == ()
+    assert entries["sgd_momentum"].tuned and not entries["prodigy"].tuned
+    # ImageNet has no held-out split: the baselines run untuned at one fixed learning rate.
+    imagenet = {e.label: e for e in compare.entries_for(None, None, "imagenet")}
+    assert imagenet["sgd_momentum"].grid == (0.1,) and not imagenet["sgd_momentum"].tuned
+    with pytest.raises(ValueError, match="unknown"):
+        compare.entries_for(None, ["nope"], "digits")
+
+
+class _FakeRunner:
+    """Stands in for training: validation accuracy peaks at a seed-dependent learning rate, test
+    accuracy at another, so a selection that looked at test would be caught."""
+
+    def __init__(self):
+        self.calls = []
+
+    def run(self, workload, entry, lr, seed, validation):
+        self.calls.append((lr, seed, validation))
+        best_val = {0: 0.01, 1: 0.1, 2: 0.01}[seed]
+        prefix = "val" if validation else "test"
+        accuracy = 0.9 - abs(math.log10(lr / best_val)) / 10 if validation else 0.5
+        return {
+            "split": "validation" if validation else "test",
+            "lr": lr,
+            "seed": seed,
+            "steps": 100 if validation else 125,
+            "steps_per_epoch": 25,
+            "wall_s": 1.0,
+            f"{prefix}_accuracy": accuracy,
+            f"{prefix}_loss": 1.0 - accuracy,
+            "curve": [{"epoch": e, f"{prefix}_accuracy": accuracy} for e in range(1, 6)],
+        }
+
+
+@pytest.mark.parametrize("dataset,per_seed", [("digits", True), ("mnist1d", False)])
+def test_run_cell_tunes_on_validation_per_split(dataset, per_seed):
+    runner = _FakeRunner()
+    workload = Workload("w", "w", dict(dataset=dataset))
+    entry = Entry("sgd_momentum", "sgd", grid=(0.001, 0.01, 0.1))
+    cell = compare.run_cell(runner, workload, entry, seeds=[0, 1, 2])
+    grids = 3 if per_seed else 1
+    assert len(cell["grid_runs"]) == 3 * grids
+    assert all(r["split"] == "validation" for r in cell["grid_runs"])
+    assert all(r["split"] == "test" for r in cell["final_runs"])
+    if per_seed:  # Each seed's split is tuned on its own training set.
+        assert cell["chosen_lr"] == {"0": 0.01, "1": 0.1, "2": 0.01}
+    else:  # One grid on seed 0, its choice used for every seed.
+        assert cell["chosen_lr"] == {"0": 0.01, "1": 0.01, "2": 0.01}
+    finals = [(lr, seed) for lr, seed, validation in runner.calls if not validation]
+    assert finals == [(cell["chosen_lr"][str(s)], s) for s in (0, 1, 2)]
+    summary = compare.summarize([cell])["cells"][0]
+    assert summary["total_steps"] == 100 * 3 * grids + 125 * 3
+    assert summary["grid_runs"] == 3 * grids and summary["total_wall_s"] == 3 * grids + 3
+
+
+def test_quick_digits_suite_writes_table_plots_and_json(tmp_path):
+    out = tmp_path / "results"
+    argv = ["--suite", "digits", "--quick", "--out", str(out), "--runs-dir", str(tmp_path / "runs")]
+    argv += ["--optimizers", "agd,sgd_momentum,cocob"]
+    assert compare.main(argv) == 0
+    table = (out / "digits.md").read_text()
+    assert "| agd | none (gain 1) |" in table and "| cocob | default |" in table
+    assert "uv run python -m benchmarks.compare --suite digits --quick" in table
+    for name in ("digits_curves.png", "digits_compute.png"):
+        assert (out / name).stat().st_size > 5000
+    result = json.loads((out / "digits.json").read_text())
+    (workload,) = result["workloads"]
+    cells = {c["label"]: c for c in workload["cells"]}
+    sgd = cells["sgd_momentum"]
+    assert [r["lr"] for r in sgd["grid_runs"]] == sgd["grid"] and len(sgd["grid"]) == 2
+    assert all(r["split"] == "validation" and "test_accuracy" not in r for r in sgd["grid_runs"])
+    assert sgd["chosen_lr"]["0"] == compare.select_lr(sgd["grid_runs"])
+    (final,) = sgd["final_runs"]
+    assert final["lr"] == sgd["chosen_lr"]["0"] and final["split"] == "test"
+    assert [r["epoch"] for r in final["curve"]] == [1, 2]
+    spe = workload["steps_per_epoch"]
+    assert final["steps"] == 2 * spe
+    summary = {s["label"]: s for s in workload["summary"]["cells"]}
+    assert summary["sgd_momentum"]["total_steps"] == sum(
+        r["steps"] for r in sgd["grid_runs"] + sgd["final_runs"]
+    )
+    assert summary["agd"]["total_steps"] == 2 * spe and summary["agd"]["grid_runs"] == 0
+    assert 0.0 <= summary["agd"]["mean"] <= 1.0
+
+    # The table and plots can be redrawn from the JSON alone, without training.
+    redrawn = tmp_path / "redrawn"
+    assert compare.main(["--from-json", str(out / "digits.json"), "--out", str(redrawn)]) == 0
+    assert "| agd | none (gain 1) |" in (redrawn / "digits.md").read_text()
+    assert (redrawn / "digits_compute.png").stat().st_size > 5000
