@@ -7,7 +7,7 @@ import json
 import os
 from typing import Any
 
-ARCHS = ("fcn", "cnn1d", "vgg", "vgg16", "resnet18", "resnet50")
+ARCHS = ("fcn", "cnn1d", "vgg", "vgg16", "resnet18", "preact_resnet18", "resnet50")
 DATASETS = ("digits", "mnist1d", "mnist", "cifar10", "cifar100", "imagenet")
 LOSSES = ("mse", "xent")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")

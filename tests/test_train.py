@@ -161,3 +161,18 @@ def test_bad_configs_raise_clear_errors(tmp_path):
         _run(tmp_path, optimizer="lion")
     with pytest.raises(SystemExit):
         train.parse_args(["--resume"])  # --resume needs --workdir
+
+
+def test_cifar10_preact_resnet18_of_the_official_code(tmp_path):
+    write_cifar(tmp_path / "data", "cifar10", tarball=False)
+    final = _run(
+        tmp_path,
+        dataset="cifar10",
+        data_dir=str(tmp_path / "data"),
+        arch="preact_resnet18",
+        width=4,
+        depth=None,
+        max_steps_per_epoch=2,
+        loss="mse",
+    )
+    assert np.isfinite(final["test_loss"])
