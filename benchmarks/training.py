@@ -57,7 +57,12 @@ def load_data(config: Config) -> Dataset | ImageNetData:
     data = load_dataset(
         config.dataset, config.data_dir, download=config.download, seed=config.seed, **options
     )
-    if config.validation_split and isinstance(data, Dataset):
+    if config.validation_split:
+        if not isinstance(data, Dataset):
+            raise ValueError(
+                f"validation_split is for in-memory datasets; {config.dataset} is streamed from "
+                "its folders (hold out a split of its train/ folder on disk instead)"
+            )
         data = validation_split(data, config.validation_split)
     return data
 

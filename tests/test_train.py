@@ -161,6 +161,9 @@ def test_bad_configs_raise_clear_errors(tmp_path):
         _run(tmp_path, optimizer="lion")
     with pytest.raises(SystemExit):
         train.parse_args(["--resume"])  # --resume needs --workdir
+    write_imagenet(tmp_path / "inet", per_class=2)
+    with pytest.raises(ValueError, match="validation_split is for in-memory datasets"):
+        _run(tmp_path, dataset="imagenet", data_dir=str(tmp_path / "inet"), validation_split=0.2)
 
 
 def test_cifar10_preact_resnet18_of_the_official_code(tmp_path):
