@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import PartitionSpec
 
@@ -68,8 +69,11 @@ def _agd_updates(
 ):
     """The AGD step for flat gradient leaves: returns (updates without gain, eta, G).
 
-    ``mesh_axes`` (inside ``shard_map`` only) gives, per leaf and per array axis, the mesh axes
-    that shard it: sums over sharded axes are completed with ``psum`` across those devices.
+    Every leaf's squared norms (one per kernel position and stack slice) go into one vector, so
+    the scalar work (square roots, safe inverses, G and eta) is a few operations on that vector
+    rather than a few per leaf; each leaf then takes its slice of the inverse norms in its one
+    elementwise pass. ``mesh_axes`` (inside ``shard_map`` only) gives, per leaf and per array
+    axis, the mesh axes that shard it: sums over sharded axes are completed with ``psum``.
     """
     depth = sum(lay.count for lay in layouts)
 
@@ -86,40 +90,53 @@ def _agd_updates(
         )
         for i, (g, lay) in enumerate(zip(grads, layouts))
     ]
-    norms = [jnp.sqrt(s) for s in sq]
+    # A bias is normalised by its owner's whole gradient norm (per stack slice).
+    owners = sorted({lay.owner for lay in layouts if lay.kind == "bias"})
+    owner_sq = []
+    for k in owners:
+        whole = jnp.sum(sq[k], axis=layouts[k].spatial_axes, keepdims=True)
+        owner_sq.append(_psum(whole, sharding(k, layouts[k].spatial_axes)))
+    pieces = (
+        sq + owner_sq
+    )  # Piece i is leaf i's norms; piece len(sq) + j is owners[j]'s whole norm.
+    offsets = np.cumsum([0] + [q.size for q in pieces]).tolist()
+    segment = [(offsets[k], offsets[k + 1]) for k in range(len(pieces))]
+    all_sq = jnp.concatenate([q.ravel() for q in pieces])
+    all_norms = jnp.sqrt(all_sq)
 
-    # G = (1/L) sum_k s(W_k) N_k, with N_k the sum of a conv's per-position norms.
-    total = jnp.zeros([], acc)
-    for i, (n, lay) in enumerate(zip(norms, layouts)):
-        if lay.kind == "weight":
-            rest = lay.spatial_axes + lay.stack_axes  # Positions and slices held by other devices.
-            total = total + lay.scale * _psum(jnp.sum(n), sharding(i, rest))
-    # A NaN or Inf anywhere, biases and norm-layer parameters included (they are not in G),
-    # makes G NaN, so every update is NaN rather than one leaf silently carrying it.
-    # (A weight's NaN or Inf is in the total already; 0 * total turns an Inf into NaN.)
-    for i, (q, lay) in enumerate(zip(sq, layouts)):
-        if lay.kind != "weight":
-            rest = tuple(a for a in range(q.ndim) if a not in lay.reduce_axes)
-            total = total + _psum(0.0 * jnp.sum(q), sharding(i, rest))
+    # G = (1/L) sum_k s(W_k) N_k, with N_k the sum of a conv's per-position norms. A NaN or Inf
+    # anywhere, biases and norm-layer parameters included (they are not in G), makes G NaN, so
+    # every update is NaN rather than one leaf silently carrying it (0 * Inf is NaN).
+    if mesh_axes is None:
+        weights = np.zeros(all_sq.size)
+        for i, lay in enumerate(layouts):
+            if lay.kind == "weight":
+                lo, hi = segment[i]
+                weights[lo:hi] = lay.scale
+        total = jnp.dot(jnp.asarray(weights, acc), all_norms) + 0.0 * jnp.sum(all_sq)
+    else:
+        total = jnp.zeros([], acc)
+        for i, (q, lay) in enumerate(zip(sq, layouts)):
+            rest = tuple(a for a in range(q.ndim) if a not in lay.reduce_axes)  # Held elsewhere.
+            lo, hi = segment[i]
+            part = lay.scale * jnp.sum(all_norms[lo:hi]) if lay.kind == "weight" else 0.0
+            total = total + _psum(part + 0.0 * jnp.sum(q), sharding(i, rest))
     total = total + 0.0 * total
     G = total / depth
     eta = jnp.log((1.0 + jnp.sqrt(1.0 + 4.0 * G)) / 2.0)
-    step = eta / depth
+    all_inv = _safe_inverse(all_norms) * (eta / depth)
 
     updates = []
-    for g, n, lay in zip(grads, norms, layouts):
-        if lay.kind == "weight":
-            inv = _safe_inverse(n)
-        elif lay.kind == "norm":
-            inv = _safe_inverse(n)
-        else:  # bias: the Frobenius norm of its owner's whole gradient (per stack slice).
-            owner = layouts[lay.owner]
-            owner_sq = jnp.sum(sq[lay.owner], axis=owner.spatial_axes, keepdims=True)
-            owner_sq = _psum(owner_sq, sharding(lay.owner, owner.spatial_axes))
-            stack_dims = tuple(owner_sq.shape[a] for a in owner.stack_axes)
-            owner_sq = owner_sq.reshape(stack_dims + (1,) * (g.ndim - len(stack_dims)))
-            inv = _safe_inverse(jnp.sqrt(owner_sq))
-        u = g.astype(acc) * ((step * lay.scale) * inv)
+    for i, (g, q, lay) in enumerate(zip(grads, sq, layouts)):
+        if lay.kind == "bias":
+            j = owners.index(lay.owner)
+            lo, hi = segment[len(sq) + j]
+            stack_dims = tuple(owner_sq[j].shape[a] for a in layouts[lay.owner].stack_axes)
+            inv = all_inv[lo:hi].reshape(stack_dims + (1,) * (g.ndim - len(stack_dims)))
+        else:
+            lo, hi = segment[i]
+            inv = all_inv[lo:hi].reshape(q.shape)
+        u = g.astype(acc) * (lay.scale * inv)
         updates.append(u.astype(g.dtype))
     return updates, eta, G
 
