@@ -108,12 +108,17 @@ def _agd_updates(
     # anywhere, biases and norm-layer parameters included (they are not in G), makes G NaN, so
     # every update is NaN rather than one leaf silently carrying it (0 * Inf is NaN).
     if mesh_axes is None:
-        weights = np.zeros(all_sq.size)
+        weights, others = np.zeros(all_sq.size), np.zeros(all_sq.size)
         for i, lay in enumerate(layouts):
+            lo, hi = segment[i]
             if lay.kind == "weight":
-                lo, hi = segment[i]
                 weights[lo:hi] = lay.scale
-        total = jnp.dot(jnp.asarray(weights, acc), all_norms) + 0.0 * jnp.sum(all_sq)
+            else:
+                others[lo:hi] = 1.0
+        # (The weights' NaN or Inf is in the dot already; summing only the other leaves' squared
+        # norms keeps XLA from reducing a convolution's squared gradient a second time.)
+        total = jnp.dot(jnp.asarray(weights, acc), all_norms)
+        total = total + 0.0 * jnp.dot(jnp.asarray(others, acc), all_sq)
     else:
         total = jnp.zeros([], acc)
         for i, (q, lay) in enumerate(zip(sq, layouts)):
