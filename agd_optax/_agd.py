@@ -96,9 +96,8 @@ def _agd_updates(
     for k in owners:
         whole = jnp.sum(sq[k], axis=layouts[k].spatial_axes, keepdims=True)
         owner_sq.append(_psum(whole, sharding(k, layouts[k].spatial_axes)))
-    pieces = (
-        sq + owner_sq
-    )  # Piece i is leaf i's norms; piece len(sq) + j is owners[j]'s whole norm.
+    # Piece i holds leaf i's norms; piece len(sq) + j the whole norm of weight owners[j].
+    pieces = sq + owner_sq
     offsets = np.cumsum([0] + [q.size for q in pieces]).tolist()
     segment = [(offsets[k], offsets[k + 1]) for k in range(len(pieces))]
     all_sq = jnp.concatenate([q.ravel() for q in pieces])
