@@ -96,58 +96,61 @@ def test_mnist1d_cnn1d(tmp_path, loss):
     assert np.isfinite(final["test_loss"])
 
 
-def test_mnist_idx_files_fcn_with_biases(tmp_path):
-    write_mnist(tmp_path / "data", gz=True)
-    final = _run(
-        tmp_path, dataset="mnist", data_dir=str(tmp_path / "data"), arch="fcn", depth=2, bias=True
-    )
-    assert np.isfinite(final["test_loss"])
+# Each on-disk format with an architecture: (writer of the files, the run's options).
+ON_DISK = {
+    "mnist_idx_gz_fcn_bias": (
+        lambda d: write_mnist(d, gz=True),
+        dict(dataset="mnist", arch="fcn", depth=2, bias=True),
+    ),
+    "cifar10_tarball_vgg": (
+        lambda d: write_cifar(d, "cifar10", tarball=True),
+        dict(dataset="cifar10", arch="vgg", width=8, depth=None),
+    ),
+    "cifar10_folder_preact_resnet18": (
+        lambda d: write_cifar(d, "cifar10", tarball=False),
+        dict(
+            dataset="cifar10",
+            arch="preact_resnet18",
+            width=4,
+            depth=None,
+            max_steps_per_epoch=2,
+            loss="mse",
+        ),
+    ),
+    "cifar100_folder_resnet18_affine_bn_bf16": (
+        lambda d: write_cifar(d, "cifar100", tarball=False),
+        dict(
+            dataset="cifar100",
+            arch="resnet18",
+            width=4,
+            depth=None,
+            compute_dtype="bfloat16",
+            bias=True,
+            loss="mse",
+        ),
+    ),
+    "imagenet_folders_resnet50": (
+        lambda d: write_imagenet(d, per_class=8),
+        dict(
+            dataset="imagenet",
+            arch="resnet50",
+            width=4,
+            depth=None,
+            image_size=32,
+            num_workers=0,
+            train_bs=8,
+            test_bs=8,
+        ),
+    ),
+}
 
 
-def test_cifar10_vgg(tmp_path):
-    write_cifar(tmp_path / "data", "cifar10", tarball=True)
-    final = _run(
-        tmp_path,
-        dataset="cifar10",
-        data_dir=str(tmp_path / "data"),
-        arch="vgg",
-        width=8,
-        depth=None,
-    )
-    assert np.isfinite(final["test_loss"])
-
-
-def test_cifar100_resnet18_with_affine_batchnorm(tmp_path):
-    write_cifar(tmp_path / "data", "cifar100", tarball=False)
-    final = _run(
-        tmp_path,
-        dataset="cifar100",
-        data_dir=str(tmp_path / "data"),
-        arch="resnet18",
-        width=4,
-        depth=None,
-        compute_dtype="bfloat16",
-        bias=True,
-        loss="mse",
-    )
-    assert np.isfinite(final["test_loss"])
-
-
-def test_imagenet_folder_resnet50(tmp_path):
-    write_imagenet(tmp_path / "data", per_class=8)
-    final = _run(
-        tmp_path,
-        dataset="imagenet",
-        data_dir=str(tmp_path / "data"),
-        arch="resnet50",
-        width=4,
-        depth=None,
-        image_size=32,
-        num_workers=0,
-        train_bs=8,
-        test_bs=8,
-    )
-    assert np.isfinite(final["test_loss"])
+@pytest.mark.parametrize("case", sorted(ON_DISK))
+def test_real_formats_and_architectures_train(tmp_path, case):
+    write, options = ON_DISK[case]
+    write(tmp_path / "data")
+    final = _run(tmp_path, data_dir=str(tmp_path / "data"), **options)
+    assert np.isfinite(final["train_loss"]) and np.isfinite(final["test_loss"])
 
 
 def test_bad_configs_raise_clear_errors(tmp_path):
@@ -164,18 +167,3 @@ def test_bad_configs_raise_clear_errors(tmp_path):
     write_imagenet(tmp_path / "inet", per_class=2)
     with pytest.raises(ValueError, match="validation_split is for in-memory datasets"):
         _run(tmp_path, dataset="imagenet", data_dir=str(tmp_path / "inet"), validation_split=0.2)
-
-
-def test_cifar10_preact_resnet18_of_the_official_code(tmp_path):
-    write_cifar(tmp_path / "data", "cifar10", tarball=False)
-    final = _run(
-        tmp_path,
-        dataset="cifar10",
-        data_dir=str(tmp_path / "data"),
-        arch="preact_resnet18",
-        width=4,
-        depth=None,
-        max_steps_per_epoch=2,
-        loss="mse",
-    )
-    assert np.isfinite(final["test_loss"])
