@@ -8,6 +8,7 @@ NumPy, so the whole file stays fast on a small CPU.
 import functools
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +27,12 @@ PROBLEMS = zoo.all_problems()
 BY_NAME = {p.name: p for p in PROBLEMS}
 # Dense kernels, biases, LayerNorm scales and offsets; and convolutions.
 CORE = [BY_NAME["mlp_bias_layernorm"], BY_NAME["tiny_cnn"]]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_trace_counts():
+    """chex.assert_max_traces counts per function definition: start each test from zero."""
+    chex.clear_trace_counter()
 
 
 def _ids(problem):
@@ -79,16 +86,14 @@ def _agd_update(grads, state, params):
 
 
 def _assert_trees_close(a, b, rtol=1e-6, atol=0.0):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
-        where = jax.tree_util.keystr(path)
-        assert np.shape(x) == np.shape(y), where
-        assert jnp.result_type(x) == jnp.result_type(y), where
-        np.testing.assert_allclose(_np(x), _np(y), rtol=rtol, atol=atol, err_msg=where)
+    """Same structure, shapes and dtypes, and values within rtol/atol (chex)."""
+    chex.assert_trees_all_equal_shapes_and_dtypes(a, b)
+    chex.assert_trees_all_close(a, b, rtol=rtol, atol=atol)
 
 
 def _assert_trees_equal(a, b):
-    _assert_trees_close(a, b, rtol=0.0, atol=0.0)
+    chex.assert_trees_all_equal_shapes_and_dtypes(a, b)
+    chex.assert_trees_all_equal(a, b)
 
 
 def _avals(tree):
@@ -156,12 +161,10 @@ def test_converges_in_scan_under_jit(problem):
 def test_no_recompilation_on_second_call(gain):
     problem = BY_NAME["mlp_bias_layernorm"]
     tx = agd_optax.agd(gain)
-    traces = 0
 
     @jax.jit
+    @chex.assert_max_traces(n=1)  # A second trace fails the call that causes it.
     def step(params, state, grads):
-        nonlocal traces
-        traces += 1
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
@@ -170,7 +173,6 @@ def test_no_recompilation_on_second_call(gain):
     state = tx.init(params)
     p1, s1 = step(params, state, g1)
     p2, s2 = step(p1, s1, g2)  # Its own outputs fed back: their avals must be init's.
-    assert traces == 1
     assert step._cache_size() == 1
     assert _avals(s1) == _avals(state) == _avals(s2)
     assert _eta(s1) != _eta(s2)  # Really different values went through.
@@ -185,7 +187,10 @@ def _check_precision(params, grads):
     """AGD on (params, grads) in their own dtypes against AGD on float32 copies of them."""
     tx = agd_optax.agd()
     state = tx.init(params)
-    assert state[0].eta.dtype == jnp.float32 and state[0].G.dtype == jnp.float32
+    chex.assert_shape([state[0].count, state[0].eta, state[0].G], ())
+    chex.assert_type(
+        [state[0].count, state[0].eta, state[0].G], [jnp.int32, jnp.float32, jnp.float32]
+    )
 
     @jax.jit
     def step(params, state, grads):
@@ -199,7 +204,7 @@ def _check_precision(params, grads):
     assert _dtypes(updates) == _dtypes(grads)
     assert _dtypes(new_params) == _dtypes(params)
     assert _avals(new_state) == _avals(state)
-    assert new_state[0].eta.dtype == jnp.float32 and new_state[0].G.dtype == jnp.float32
+    chex.assert_type([new_state[0].eta, new_state[0].G], jnp.float32)
 
     # Norms accumulate in f32: eta from bf16 grads is the eta from the same grads in f32.
     np.testing.assert_allclose(_np(new_state[0].eta), _np(ref_state[0].eta), rtol=1e-6)
@@ -261,6 +266,7 @@ def test_state_stable_under_cond(dtype, x64):
         assert _avals(jax.eval_shape(tx.update, grads, state, params)[1]) == _avals(state)
 
         @jax.jit
+        @chex.assert_max_traces(n=1)
         def step(pred, state):
             def do(s):
                 return tx.update(grads, s, params)
@@ -322,6 +328,7 @@ def test_inject_hyperparams_gain():
     plain = agd_optax.agd(gain=2.0)
 
     @jax.jit
+    @chex.assert_max_traces(n=1)  # The gain is state: changing it must not retrace.
     def step(params, s_inj, s_ref):
         grads = jax.grad(_loss(problem))(params)
         u_inj, s_inj = injected.update(grads, s_inj, params)
@@ -441,18 +448,22 @@ def test_chain_after_clip_by_global_norm(problem):
 # 9. Eager and jit agree.
 
 
-@pytest.mark.parametrize("problem", CORE, ids=_ids)
-def test_eager_and_jit_agree(problem):
-    params, grads = _params_and_grads(problem)
-    tx = agd_optax.agd()
-    state = tx.init(params)
-    eager_updates, eager_state = tx.update(grads, state, params)
-    jit_updates, jit_state = _agd_update(grads, state, params)
-    _assert_trees_close(eager_updates, jit_updates, rtol=1e-6, atol=1e-8)
-    assert _avals(eager_state) == _avals(jit_state) == _avals(state)
-    np.testing.assert_allclose(_eta(eager_state), _eta(jit_state), rtol=1e-6)
-    np.testing.assert_allclose(_G(eager_state), _G(jit_state), rtol=1e-6)
-    assert _avals(jax.jit(tx.init)(params)) == _avals(state)
+class EagerAndJitAgree(chex.TestCase):
+    """The same update with and without jit (chex.variants runs the test once for each)."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_update_and_init(self):
+        for problem in CORE:
+            params, grads = _params_and_grads(problem)
+            tx = agd_optax.agd()
+            state = tx.init(params)
+            updates, new_state = self.variant(tx.update)(grads, state, params)
+            ref_updates, ref_state = _agd_update(grads, state, params)
+            _assert_trees_close(updates, ref_updates, rtol=1e-6, atol=1e-8)
+            assert _avals(new_state) == _avals(ref_state) == _avals(state)
+            np.testing.assert_allclose(_eta(new_state), _eta(ref_state), rtol=1e-6)
+            np.testing.assert_allclose(_G(new_state), _G(ref_state), rtol=1e-6)
+            assert _avals(self.variant(tx.init)(params)) == _avals(state)
 
 
 # --------------------------------------------------------------------------------------------------
