@@ -68,14 +68,32 @@ def scaled_orthogonal(role: Role | str = "dense"):
 
 
 def dense_init():
-    """:func:`scaled_orthogonal` for Flax ``Linear``/``Dense`` kernels ``(d_in, d_out)``."""
+    """:func:`scaled_orthogonal` for Flax ``Linear``/``Dense`` kernels ``(d_in, d_out)``.
+
+    Example:
+      >>> import jax, agd_optax
+      >>> w = agd_optax.dense_init()(jax.random.key(0), (8, 32))
+      >>> bool(jax.numpy.allclose(w @ w.T, (32 / 8) * jax.numpy.eye(8), atol=1e-5))
+      True
+    """
     from agd_optax._roles import dense
 
     return scaled_orthogonal(dense())
 
 
 def conv_init(groups: int = 1):
-    """:func:`scaled_orthogonal` for Flax ``Conv`` kernels ``(*spatial, in // groups, out)``."""
+    """:func:`scaled_orthogonal` for Flax ``Conv`` kernels ``(*spatial, in // groups, out)``.
+
+    Each kernel position (and group) is its own semi-orthogonal slice; the whole kernel is scaled
+    by ``sqrt(d_out / d_in) / sqrt(positions)``.
+
+    Example:
+      >>> import jax, agd_optax
+      >>> k = agd_optax.conv_init()(jax.random.key(0), (3, 3, 16, 16))
+      >>> s = jax.numpy.linalg.svd(k[1, 2], compute_uv=False)  # One position's 16 x 16 slice.
+      >>> bool(jax.numpy.allclose(s, 1 / 3, rtol=1e-5))
+      True
+    """
     from agd_optax._roles import conv
 
     return scaled_orthogonal(conv(groups=groups))
@@ -92,6 +110,14 @@ def reinitialize(key: jax.Array, params: Any, roles: Any = None) -> Any:
 
     Returns:
       A pytree of the same structure, dtypes and shardings-agnostic shapes as ``params``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, agd_optax
+      >>> params = {"dense": {"kernel": jnp.zeros((4, 8)), "bias": jnp.zeros(8)}}
+      >>> new = agd_optax.reinitialize(jax.random.key(0), params)
+      >>> s = jnp.linalg.svd(new["dense"]["kernel"], compute_uv=False)
+      >>> bool(jnp.allclose(s, (8 / 4) ** 0.5, rtol=1e-5)), bool((new["dense"]["bias"] == 0).all())
+      (True, True)
     """
     if callable(roles) and not isinstance(roles, Role):
         roles = roles(params)
