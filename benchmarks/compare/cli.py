@@ -1,0 +1,159 @@
+"""The evidence suite's command line: ``python -m benchmarks.compare``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from benchmarks.compare.protocol import (
+    TARGET_FRACTION,
+    VALIDATION_SPLIT,
+    entries_for,
+    parse_grid,
+    run_cell,
+    summarize,
+)
+from benchmarks.compare.report import write_outputs
+from benchmarks.compare.runner import Runner
+from benchmarks.compare.workloads import ADAM_GRID, SGD_GRID, SUITES, SUITES_NEEDING_DATA
+from benchmarks.reporting import hardware_description
+
+DESCRIPTION = (
+    "Evidence suite: AGD against tuned and learning-rate-free baselines, tuning cost included."
+)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=DESCRIPTION)
+    p.add_argument("--suite", choices=tuple(SUITES), default="digits")
+    p.add_argument("--data-dir", default=None, help="dataset folder (cifar10, cifar100, imagenet)")
+    p.add_argument("--download", action="store_true", help="download CIFAR if missing")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per final cell")
+    p.add_argument("--epochs", type=int, default=None, help="override every workload's epochs")
+    p.add_argument(
+        "--grid",
+        default=None,
+        help="learning-rate grid of the tuned baselines: a point count (log-spaced over each "
+        "optimizer's default range) or comma-separated values",
+    )
+    p.add_argument("--optimizers", default=None, help="comma-separated subset of the table rows")
+    p.add_argument("--workloads", default=None, help="comma-separated subset of the suite")
+    p.add_argument("--train-bs", type=int, default=None, help="override the batch size")
+    p.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    p.add_argument("--runs-dir", default="runs", help="workdirs go to RUNS_DIR/compare/<suite>")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run: 1 seed, 2 epochs, 2 grid points"
+    )
+    p.add_argument("--verbose", action="store_true", help="show the per-epoch lines of every run")
+    p.add_argument(
+        "--from-json",
+        default=None,
+        help="train nothing: redraw the table and plots of a saved <suite>.json into --out",
+    )
+    args = p.parse_args(argv)
+    if args.from_json:
+        return args
+    if args.quick:
+        args.seeds, args.epochs = 1, args.epochs or 2
+        args.grid = args.grid or "2"
+    if args.suite in SUITES_NEEDING_DATA and args.data_dir is None and not args.download:
+        p.error(f"--suite {args.suite} needs --data-dir (the dataset is not downloaded here)")
+    if args.seeds < 1:
+        p.error("--seeds must be >= 1")
+    try:
+        args.grid = parse_grid(args.grid)
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            write_outputs(json.load(f), args.out, write_json=False)
+        return 0
+    import jax
+    import optax
+
+    suite = args.suite
+    workloads = list(SUITES[suite])
+    if args.workloads:
+        wanted = [w.strip() for w in args.workloads.split(",") if w.strip()]
+        workloads = [w for w in workloads if w.name in wanted]
+        if not workloads:
+            raise SystemExit(f"no workload of suite {suite} among {wanted}")
+    names = [n.strip() for n in args.optimizers.split(",")] if args.optimizers else None
+    overrides: dict[str, Any] = {}
+    if args.epochs:
+        overrides["epochs"] = args.epochs
+    if args.train_bs:
+        overrides["train_bs"] = args.train_bs
+    runs_dir = os.path.join(args.runs_dir, "compare", suite)
+    if args.data_dir is not None:
+        overrides["data_dir"] = args.data_dir
+    elif suite == "mnist1d":  # Cache the generated arrays instead of regenerating for every run.
+        overrides["data_dir"] = os.path.join(args.runs_dir, "data")
+    if args.download:
+        overrides["download"] = True
+    runner = Runner(runs_dir, overrides, verbose=args.verbose)
+
+    command = "uv run python -m benchmarks.compare " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
+    )
+    grid_desc = (
+        f"{args.grid} points"
+        if isinstance(args.grid, int)
+        else "/".join(f"{v:g}" for v in args.grid)
+        if isinstance(args.grid, tuple)
+        else f"{len(SGD_GRID)} points (SGD {SGD_GRID[0]:g}..{SGD_GRID[-1]:g}, Adam and NadamW "
+        f"{ADAM_GRID[0]:g}..{ADAM_GRID[-1]:g}, half-decade steps)"
+    )
+    result: dict[str, Any] = {
+        "suite": suite,
+        "meta": {
+            "command": command.strip(),
+            "hardware": hardware_description(),
+            "jax": jax.__version__,
+            "optax": optax.__version__,
+            "seeds": args.seeds,
+            "grid_description": grid_desc,
+            "validation_split": VALIDATION_SPLIT,
+            "target_fraction": TARGET_FRACTION,
+        },
+        "workloads": [],
+    }
+    seeds = list(range(args.seeds))
+    t_start = time.perf_counter()
+    for workload in workloads:
+        entries = entries_for(args.grid, names, workload.config["dataset"])
+        runner.warm_up(workload)
+        cells = [run_cell(runner, workload, e, seeds) for e in entries]
+        config = runner.config(workload, entries[0], None, seeds[0], 0.0)
+        result["workloads"].append(
+            {
+                "name": workload.name,
+                "title": workload.title,
+                "config": {
+                    k: v
+                    for k, v in dataclasses.asdict(config).items()
+                    if k not in ("optimizer", "gain", "lr", "seed")
+                },
+                "epochs": config.epochs,
+                "train_bs": config.train_bs,
+                "steps_per_epoch": cells[0]["final_runs"][0]["steps_per_epoch"],
+                "cells": cells,
+                "summary": summarize(cells),
+            }
+        )
+    result["meta"]["suite_wall_s"] = time.perf_counter() - t_start
+
+    write_outputs(result, args.out)
+    return 0

@@ -1,0 +1,108 @@
+"""The suite's outputs: the markdown table, the JSON of every run, and the plots."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from benchmarks.compare.plots import plot_compute, plot_curves
+from benchmarks.reporting import json_safe
+
+
+def _lr_text(cell: dict[str, Any], s: dict[str, Any]) -> str:
+    if cell["optimizer"] == "agd":
+        return f"none (gain {cell['gain']:g})"
+    if not cell["tuned"]:
+        lr = s["chosen_lrs"][0]
+        return "default" if lr is None else f"{lr:g} (fixed)"
+    text = " / ".join(f"{lr:g}" for lr in s["chosen_lrs"])
+    if len(set(s["chosen_lrs"])) == 1:
+        text = f"{s['chosen_lrs'][0]:g}"
+    return text + (" (grid edge)" if s["grid_edge"] else "")
+
+
+def _fmt_steps(x: float | None) -> str:
+    return "-" if x is None else f"{x:,.0f}"
+
+
+def markdown(suite: str, result: dict[str, Any]) -> str:
+    meta = result["meta"]
+    lines = [
+        f"# Evidence suite: {suite}",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        f"Hardware: {meta['hardware']}; JAX {meta['jax']}, optax {meta['optax']}. "
+        f"{meta['seeds']} seed(s) per final cell; learning-rate grids of "
+        f"{meta['grid_description']}, each point trained once on 80% of the training set and "
+        "scored on the held-out 20% (final validation accuracy picks the learning rate; the test "
+        "set is never used to choose). Constant learning rates, no weight decay.",
+        "",
+        "Columns: final test accuracy (mean ± sample std over seeds); steps to 95% of the best "
+        "final accuracy in the table (first epoch whose test accuracy reaches it, times steps per "
+        "epoch; mean over the seeds that reach it); total compute = every training step and wall "
+        "second spent on the cell, the whole learning-rate grid included (wall seconds include "
+        "compilation and evaluation, on a shared machine: indicative only).",
+        "",
+    ]
+    for w in result["workloads"]:
+        summ = w["summary"]
+        lines += [
+            f"## {w['title']}",
+            "",
+            f"{w['epochs']} epochs of {w['steps_per_epoch']} steps (batch {w['train_bs']}). "
+            f"Best mean final test accuracy {summ['best_mean_accuracy']:.4f}; "
+            f"95% of it: {summ['target_accuracy']:.4f}.",
+            "",
+        ]
+        if any(c.get("tuned_per_seed") for c in w["cells"]):
+            lines += [
+                "This dataset's train/test split is drawn from the seed, so each tuned optimizer's "
+                "grid is run on every seed's own training set (one grid per seed, all counted in "
+                "its compute) and the learning rates chosen are listed per seed.",
+                "",
+            ]
+        lines += [
+            "| optimizer | learning rate | test accuracy | steps to 95% of best | grid runs "
+            "| total steps (incl. grid) | total wall s (incl. grid) |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for cell, s in zip(w["cells"], summ["cells"]):
+            reached = _fmt_steps(s["steps_to_target"])
+            if s["steps_to_target"] is not None and s["reached"] < s["n"]:
+                reached += f" ({s['reached']}/{s['n']} seeds)"
+            elif s["steps_to_target"] is None:
+                reached = "not reached"
+            lines.append(
+                f"| {cell['label']} | {_lr_text(cell, s)} | {s['mean']:.4f} ± {s['std']:.4f} "
+                f"| {reached} | {s['grid_runs']} | {s['total_steps']:,} | {s['total_wall_s']:.0f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_outputs(result: dict[str, Any], out: str, write_json: bool = True) -> dict[str, str]:
+    """The table, the JSON and the two plots of a suite's result, under ``out``."""
+    suite = result["suite"]
+    os.makedirs(out, exist_ok=True)
+    paths = {
+        "markdown": os.path.join(out, f"{suite}.md"),
+        "json": os.path.join(out, f"{suite}.json"),
+        "curves": os.path.join(out, f"{suite}_curves.png"),
+        "compute": os.path.join(out, f"{suite}_compute.png"),
+    }
+    text = markdown(suite, result)
+    with open(paths["markdown"], "w") as f:
+        f.write(text + "\n")
+    if write_json:
+        with open(paths["json"], "w") as f:
+            json.dump(json_safe(result), f, separators=(",", ":"))
+            f.write("\n")
+    plot_curves(result, paths["curves"])
+    plot_compute(result, paths["compute"])
+    print(text, flush=True)
+    if not write_json:
+        del paths["json"]
+    print("wrote " + ", ".join(paths.values()), flush=True)
+    return paths

@@ -1,0 +1,97 @@
+"""The input pipeline: a config's dataset, and the batches each process feeds its devices."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+
+from benchmarks.config import Config
+from benchmarks.data import Dataset, ImageNetData, augment_cifar, load_dataset
+
+
+def load_data(config: Config) -> Dataset | ImageNetData:
+    options = {}
+    if config.dataset == "imagenet":
+        options = dict(image_size=config.image_size, num_workers=config.num_workers)
+    data = load_dataset(
+        config.dataset, config.data_dir, download=config.download, seed=config.seed, **options
+    )
+    if config.validation_split:
+        if not isinstance(data, Dataset):
+            raise ValueError(
+                f"validation_split is for in-memory datasets; {config.dataset} is streamed from "
+                "its folders (hold out a split of its train/ folder on disk instead)"
+            )
+        data = validation_split(data, config.validation_split)
+    return data
+
+
+def validation_split(data: Dataset, fraction: float) -> Dataset:
+    """Hold out the last ``fraction`` of a fixed permutation of the training set as the test set,
+    so hyperparameters are tuned without looking at the real test set."""
+    order = np.random.default_rng(12345).permutation(data.num_train)
+    n_val = max(1, int(round(fraction * data.num_train)))
+    train, val = order[:-n_val], order[-n_val:]
+    return dataclasses.replace(
+        data,
+        train_x=data.train_x[train],
+        train_y=data.train_y[train],
+        test_x=data.train_x[val],
+        test_y=data.train_y[val],
+    )
+
+
+def train_batches(
+    data: Dataset | ImageNetData, config: Config, epoch: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """This process's part of each global training batch of ``epoch``: deterministic given
+    (seed, epoch), so a resumed run sees the same batches as an uninterrupted one."""
+    bs = config.train_bs
+    n_proc, proc = jax.process_count(), jax.process_index()
+    if bs % n_proc:
+        raise ValueError(f"train_bs {bs} is not divisible by the {n_proc} processes")
+    local = bs // n_proc
+    if isinstance(data, ImageNetData):  # Each process decodes only its own images.
+        yield from data.train_loader(
+            local, seed=config.seed, epoch=epoch, shard_index=proc, shard_count=n_proc
+        )
+        return
+    order = np.random.default_rng([config.seed, epoch]).permutation(data.num_train)
+    augment_rng = np.random.default_rng([config.seed, epoch, 1])
+    cifar = config.dataset in ("cifar10", "cifar100") and config.augment
+    for start in range(0, data.num_train - bs + 1, bs):
+        idx = order[start : start + bs]
+        x = data.train_x[idx]
+        if cifar:  # Augment the whole global batch so every process count gives the same result.
+            x = augment_cifar(augment_rng, x)
+        yield (
+            x[proc * local : (proc + 1) * local],
+            data.train_y[idx][proc * local : (proc + 1) * local],
+        )
+
+
+def eval_batches(
+    data: Dataset | ImageNetData, config: Config, multiple: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Test batches padded to a multiple of the data-parallel size, with a mask of real examples."""
+    if isinstance(data, ImageNetData):
+        source = data.eval_loader(config.test_bs)
+    else:
+        source = (
+            (data.test_x[i : i + config.test_bs], data.test_y[i : i + config.test_bs])
+            for i in range(0, data.num_test, config.test_bs)
+        )
+    n_proc, proc = jax.process_count(), jax.process_index()
+    for x, y in source:
+        n = len(y)
+        size = -(-n // (multiple * n_proc)) * multiple * n_proc
+        pad = size - n
+        mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+        x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+        y = np.concatenate([y, np.zeros(pad, y.dtype)])
+        local = size // n_proc
+        sl = slice(proc * local, (proc + 1) * local)
+        yield x[sl], y[sl], mask[sl]

@@ -1,0 +1,77 @@
+"""What XLA emits for one optimizer update: counting the kernels of the compiled program."""
+
+from __future__ import annotations
+
+import collections
+import math
+import re
+from typing import Any
+
+import jax
+import optax
+
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\S+?)\s+([\w\-]+)\((.*?)\)(.*)$")
+_SHAPE = re.compile(r"\w+\[([\d,]*)\]")
+
+
+def _elements(shape: str) -> int:
+    m = _SHAPE.match(shape)
+    if not m:  # A tuple or a token.
+        return 0
+    dims = [int(d) for d in m.group(1).split(",") if d]
+    return math.prod(dims)
+
+
+def fusion_counts(hlo_text: str, min_leaf: int) -> dict[str, int]:
+    """Counts the kernels of a compiled module's entry computation.
+
+    A fusion reading an array of at least ``min_leaf`` elements is a pass over a leaf: an
+    *elementwise* pass if it writes as many elements as it reads, a *reduction* pass otherwise.
+    Other fusions work on norms and scalars (``small``). ``other`` counts the entry's remaining
+    operations (copies, custom calls) besides parameters, constants, tuples and bitcasts.
+    """
+    start = hlo_text.find("\nENTRY")
+    if start < 0:
+        raise ValueError("no ENTRY computation in the HLO text")
+    body = hlo_text[start:].split("\n}", 1)[0].splitlines()[1:]
+    sizes: dict[str, int] = {}
+    counts = collections.Counter()
+    for line in body:
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        name, shape, op, operands, rest = m.groups()
+        sizes[name] = _elements(shape)
+        if op in ("parameter", "constant", "tuple", "get-tuple-element", "bitcast"):
+            continue
+        if op != "fusion":
+            counts["other"] += 1
+            continue
+        counts["fusions"] += 1
+        kind = re.search(r"kind=(k\w+)", rest)
+        counts[f"kind_{kind.group(1) if kind else 'unknown'}"] += 1
+        reads = [sizes.get(o.strip().lstrip("%"), 0) for o in operands.split(",")]
+        biggest = max(reads, default=0)
+        if biggest >= min_leaf:
+            counts["elementwise" if sizes[name] >= biggest else "reduction"] += 1
+        else:
+            counts["small"] += 1
+    return dict(counts)
+
+
+def smallest_weight(shapes: Any) -> int:
+    """Elements of the tree's smallest leaf of 2 or more axes: the threshold of a leaf pass (the
+    per-position norms of a convolution, the largest small arrays, are far smaller)."""
+    return min(math.prod(x.shape) for x in jax.tree.leaves(shapes) if len(x.shape) >= 2)
+
+
+def update_hlo(tx: optax.GradientTransformation, shapes: Any, dtype) -> str:
+    """The optimized HLO of one ``update`` + ``apply_updates`` on trees of ``shapes``."""
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), shapes)
+    state = jax.eval_shape(tx.init, params)
+
+    def step(grads, state, params):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return jax.jit(step).lower(params, state, params).compile().as_text()

@@ -1,0 +1,184 @@
+"""The model, the optimizer and the jitted train and eval steps (``Trainer``)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+import agd_optax
+from benchmarks import parallel
+from benchmarks.config import Config
+from benchmarks.input_pipeline import eval_batches
+from benchmarks.models import make_model
+from benchmarks.optimizers import is_schedule_free, make_optimizer
+
+# Losses.
+
+
+def per_example_loss(kind: str, logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """``mse``: the paper's square loss against one-hot targets scaled by sqrt(classes), averaged
+    over classes; ``xent``: softmax cross-entropy. Both computed in float32."""
+    logits = logits.astype(jnp.float32)
+    num_classes = logits.shape[-1]
+    if kind == "mse":
+        target = jax.nn.one_hot(labels, num_classes) * math.sqrt(num_classes)
+        return jnp.mean(jnp.square(logits - target), axis=-1)
+    if kind == "xent":
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    raise ValueError(f"unknown loss {kind!r}; expected 'mse' or 'xent'")
+
+
+# --------------------------------------------------------------------------------------------------
+# Model and optimizer.
+
+
+def build_model(config: Config, data) -> nnx.Module:
+    """The model of ``config``; AGD runs start from AGD's scaled orthogonal initialisation,
+    baselines from Flax's usual initialisers."""
+    model = make_model(
+        config.arch,
+        num_classes=data.num_classes,
+        input_shape=data.input_shape,
+        depth=config.depth if config.arch in ("fcn", "cnn1d") else None,
+        width=config.width,
+        bias=config.bias,
+        rngs=nnx.Rngs(config.seed),
+    )
+    if config.optimizer == "agd":
+        params = nnx.state(model, nnx.Param)
+        key = jax.random.fold_in(jax.random.key(config.seed), 1)
+        nnx.update(model, agd_optax.reinitialize(key, params, agd_optax.nnx_roles(model)))
+    return model
+
+
+def make_tx(config: Config, model: nnx.Module, total_steps: int, steps_per_epoch: int):
+    if config.optimizer == "agd":
+        return agd_optax.agd(config.gain, roles=agd_optax.nnx_roles(model))
+    return make_optimizer(config, total_steps, steps_per_epoch)
+
+
+def _pure(tree: Any) -> Any:
+    """The same tree with every nnx.Variable replaced by its array."""
+    return jax.tree.map(lambda v: v[...], tree, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+def _opt_scalar(opt_state: Any, name: str) -> jax.Array | None:
+    """An optimizer-state field (AGD's eta) as an array, or None if the optimizer has none."""
+    found = optax.tree.get(_pure(opt_state), name, None)
+    return None if found is None else jnp.asarray(found, jnp.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Steps.
+
+
+def _cast_floats(tree: Any, dtype) -> Any:
+    def cast(x):
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    return jax.tree.map(cast, tree)
+
+
+def compute_dtype(config: Config):
+    """bfloat16 compute (float32 parameters) on accelerators, float32 on CPU, unless configured."""
+    if config.compute_dtype is not None:
+        return jnp.dtype(config.compute_dtype)
+    return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+
+
+class Trainer:
+    """Holds the split model and optimizer state and the jitted train and eval steps.
+
+    Parameters and optimizer state are replicated over the mesh's data axis (data parallel), or,
+    with ``config.shard_params``, split along one axis of each leaf (FSDP style). Batches are
+    split over the data axis; under ``jit`` XLA inserts the cross-device reductions, so AGD's
+    norms, G and eta, and BatchNorm's batch statistics, are those of the global batch.
+    """
+
+    def __init__(self, config: Config, model: nnx.Module, tx, mesh):
+        self.config = config
+        self.mesh = mesh
+        self.dtype = compute_dtype(config)
+        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        model.eval()
+        self.graphdef_eval, _ = nnx.split((model, optimizer))
+        model.train()
+        self.graphdef_train, state = nnx.split((model, optimizer))
+        if config.shard_params:
+            self.state_sharding = parallel.fsdp_shardings(mesh, state)
+        else:
+            self.state_sharding = jax.tree.map(lambda _: parallel.replicated(mesh), state)
+        # Copies: some optimizers' states alias the parameters (cocob), which donation forbids.
+        self.state = jax.tree.map(jnp.copy, jax.device_put(state, self.state_sharding))
+        self.schedule_free = is_schedule_free(config)
+        self._train_step = jax.jit(self._train_step_impl, donate_argnums=0)
+        self._eval_step = jax.jit(self._eval_step_impl)
+
+    def _forward(self, model: nnx.Module, x: jax.Array) -> jax.Array:
+        """Float32 logits; with a low-precision compute dtype, the parameters are cast for the
+        forward pass only (they stay float32 in the state, and so do BatchNorm statistics)."""
+        if self.dtype == jnp.float32:
+            return model(x).astype(jnp.float32)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        low = nnx.merge(graphdef, _cast_floats(params, self.dtype), rest)
+        logits = low(x.astype(self.dtype)).astype(jnp.float32)
+        new_rest = nnx.state(low, nnx.Not(nnx.Param))
+        nnx.update(model, jax.tree.map(lambda new, old: new.astype(old.dtype), new_rest, rest))
+        return logits
+
+    def _train_step_impl(self, state, x, y):
+        model, optimizer = nnx.merge(self.graphdef_train, state)
+
+        def loss_fn(model):
+            logits = self._forward(model, x)
+            return jnp.mean(per_example_loss(self.config.loss, logits, y)), logits
+
+        (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        optimizer.update(model, grads)
+        metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
+        eta = _opt_scalar(optimizer.opt_state, "eta")
+        if eta is not None:
+            metrics["eta"] = eta
+        new_state = jax.lax.with_sharding_constraint(
+            nnx.state((model, optimizer)), self.state_sharding
+        )
+        return new_state, metrics
+
+    def _eval_step_impl(self, state, x, y, mask):
+        model, optimizer = nnx.merge(self.graphdef_eval, state)
+        if self.schedule_free:
+            params = _pure(nnx.state(model, nnx.Param))
+            nnx.update(
+                model, optax.contrib.schedule_free_eval_params(_pure(optimizer.opt_state), params)
+            )
+        logits = self._forward(model, x)
+        losses = per_example_loss(self.config.loss, logits, y)
+        correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+        return {
+            "loss": jnp.sum(losses * mask),
+            "correct": jnp.sum(correct * mask),
+            "count": jnp.sum(mask),
+        }
+
+    def train_step(self, x: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
+        """One step on a global batch already on the devices (``parallel.shard_batch``)."""
+        self.state, metrics = self._train_step(self.state, x, y)
+        return metrics
+
+    def evaluate(self, data, config: Config) -> dict[str, float]:
+        totals = None
+        for x, y, mask in eval_batches(data, config, parallel.data_size(self.mesh)):
+            x, y, mask = parallel.shard_batch(self.mesh, x, y, mask)
+            out = self._eval_step(self.state, x, y, mask)
+            totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+        count = float(totals["count"])
+        return {"loss": float(totals["loss"]) / count, "accuracy": float(totals["correct"]) / count}
+
+    def params(self) -> Any:
+        model, _ = nnx.merge(self.graphdef_train, self.state)
+        return nnx.state(model, nnx.Param)
