@@ -15,6 +15,7 @@ from agd_optax._roles import (
     norm,
     resolve_layouts,
 )
+from agd_optax._trace import trace_roles
 
 __version__ = "0.1.0"
 
@@ -37,4 +38,5 @@ __all__ = [
     "resolve_layouts",
     "scale_by_agd",
     "scaled_orthogonal",
+    "trace_roles",
 ]

@@ -172,9 +172,13 @@ def bias(owner: str | Sequence[str] | None = None) -> Role:
     return Role("bias", spatial_axes=None, owner=owner)
 
 
-def norm() -> Role:
-    """Role of the scale or the offset of a normalisation layer (LayerNorm, BatchNorm, RMSNorm...)."""
-    return Role("norm", spatial_axes=None)
+def norm(*, stack_axes: int | Sequence[int] = ()) -> Role:
+    """Role of the scale or the offset of a normalisation layer (LayerNorm, BatchNorm, RMSNorm...).
+
+    ``stack_axes``: axes along which the parameters of stacked layers are stacked (``nn.scan``,
+    ``nnx.vmap``); each slice is normalised on its own, as the unstacked layers would be.
+    """
+    return Role("norm", spatial_axes=None, stack_axes=_axes(stack_axes, "stack_axes"))
 
 
 _SHORTHANDS: dict[str, Callable[[], Role]] = {
@@ -467,7 +471,9 @@ def resolve_layouts(params: Any, roles: Any = None) -> list[Layout]:
         if role.kind in _WEIGHT_KINDS:
             layouts[i] = _weight_layout(role, shape, paths[i])
         elif role.kind == "norm":
-            layouts[i] = Layout(paths[i], "norm", tuple(range(len(shape))), (), (), 1.0, 0)
+            stack = _normalise_axes(role.stack_axes, len(shape), paths[i], "stack_axes")
+            rest = tuple(a for a in range(len(shape)) if a not in stack)
+            layouts[i] = Layout(paths[i], "norm", rest, (), tuple(sorted(stack)), 1.0, 0)
         else:
             biases.append((i, keys, role))
 

@@ -1,0 +1,222 @@
+"""Value types of the jaxpr walk behind :func:`agd_optax.trace_roles`, and the operations that
+make a parameter a weight: ``dot_general``, ``conv_general_dilated`` and ``gather``."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from agd_optax._roles import Role, conv, dense, embedding
+
+Axes = tuple[int, ...]
+
+# Primitives that change neither values' meaning nor axes.
+_SAME = {
+    "convert_element_type",
+    "copy",
+    "copy_p",
+    "reduce_precision",
+    "sharding_constraint",
+    "mesh_cast",
+    "reshard",
+    "pvary",
+    "slice",
+    "dynamic_slice",
+    "rev",
+    "pad",
+    "neg",
+    "optimization_barrier",
+}
+_BINARY = {"add", "add_any", "sub", "mul", "div"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _View:
+    """A value that is (a reshaped, transposed, sliced... copy of) parameter leaf ``leaf``."""
+
+    leaf: int
+    axes: tuple[Axes, ...]  # Per array axis: the leaf axes it runs over, major to minor.
+    selected: frozenset[int] = frozenset()  # Leaf axes indexed away, one slice at a time.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Info:
+    """What the analysis knows of one jaxpr value."""
+
+    views: tuple[_View, ...] = ()
+    const: bool = False  # Depends on no input of fn.
+    normalised: bool = False  # Carries 1/sqrt of statistics (a normalisation layer's output).
+    # The output of weight ops: (weight leaf, per array axis the weight's leaf axes it runs over).
+    outputs: tuple[tuple[int, tuple[Axes, ...]], ...] = ()
+
+
+_EMPTY = _Info()
+_CONST = _Info(const=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Use:
+    kind: str  # "weight", "lookup", "bias", "norm" or "other".
+    what: str  # For error messages.
+    role: Role | None = None
+    owner: int | None = None
+
+
+def _where(eqn: Any) -> str:
+    try:
+        from jax._src import source_info_util
+
+        return f" at {source_info_util.summarize(eqn.source_info)}"
+    except Exception:  # noqa: BLE001 (only decorates an error message)
+        return ""
+
+
+class _WeightOps:
+    """The weight-giving primitives; mixed into the walker, which provides ``shapes`` and
+    ``uses`` (one list of :class:`_Use` per leaf) and ``other``."""
+
+    shapes: list[tuple[int, ...]]
+    uses: list[list[_Use]]
+
+    def other(self, infos: list[_Info], what: str) -> None:
+        for info in infos:
+            for v in info.views:
+                self.uses[v.leaf].append(_Use("other", what))
+
+    def _gather(self, eqn, ins, where):
+        operand, indices = ins[0], ins[1]
+        dn = eqn.params["dimension_numbers"]
+        slice_sizes = tuple(eqn.params["slice_sizes"])
+        op_shape = tuple(eqn.invars[0].aval.shape)
+        out_shape = tuple(eqn.outvars[0].aval.shape)
+        batch_out = [d for d in range(len(out_shape)) if d not in dn.offset_dims]
+        if indices.views or (operand.views and dn.operand_batching_dims):
+            self.other(ins, f"'gather'{where}")
+            return [_EMPTY]
+        kept = [a for a in range(len(op_shape)) if a not in dn.collapsed_slice_dims]
+        if not operand.views:
+            return [_Info(const=operand.const and indices.const)]
+        if all(out_shape[d] == 1 for d in batch_out):  # One slice: indexing, W[i].
+            views = []
+            for v in operand.views:
+                axes: list[Axes] = [()] * len(out_shape)
+                for d, a in zip(dn.offset_dims, kept):
+                    axes[d] = v.axes[a]
+                gone = {x for a in dn.collapsed_slice_dims for x in v.axes[a]}
+                views.append(_View(v.leaf, tuple(axes), v.selected | frozenset(gone)))
+            return [_Info(views=tuple(views))]
+        outputs = []
+        for v in operand.views:
+            fan_in = [x for a in dn.start_index_map for x in v.axes[a]]
+            partial = [a for a in kept if slice_sizes[a] not in (1, op_shape[a])]
+            fan_out = [x for a in kept if a not in dn.start_index_map for x in v.axes[a]]
+            what = f"'gather' (a lookup){where}"
+            role = self._weight_role(v, fan_in, fan_out, [], what, lookup=True)
+            if role is None:
+                continue
+            if partial:
+                self.uses[v.leaf].append(_Use("other", f"a partial {what}"))
+                continue
+            self.uses[v.leaf].append(_Use("lookup", what, role))
+            axes = [()] * len(out_shape)
+            for d, a in zip(dn.offset_dims, kept):
+                axes[d] = v.axes[a]
+            outputs.append((v.leaf, tuple(axes)))
+        return [_Info(outputs=tuple(outputs))]
+
+    # Weights -------------------------------------------------------------------------------
+    def _weight_role(
+        self, v, fan_in, fan_out, stack, what, *, spatial=None, groups=1, lookup=False
+    ):
+        ndim = len(self.shapes[v.leaf])
+        stack = set(stack) | set(v.selected)
+        parts = [set(fan_in), set(fan_out), stack, set(spatial or ())]
+        used = [x for p in parts for x in p]
+        if (
+            len(used) != len(set(used))
+            or set(used) != set(range(ndim))
+            or not fan_in
+            or not fan_out
+        ):
+            self.uses[v.leaf].append(
+                _Use(
+                    "other",
+                    f"{what} with fan-in axes {sorted(set(fan_in))}, fan-out axes "
+                    f"{sorted(set(fan_out))}, stack axes {sorted(stack)}"
+                    + (f", spatial axes {sorted(set(spatial))}" if spatial else "")
+                    + f" (of {ndim})",
+                )
+            )
+            return None
+        fi, fo, st = tuple(sorted(set(fan_in))), tuple(sorted(set(fan_out))), tuple(sorted(stack))
+        if spatial is not None:
+            return conv(tuple(sorted(spatial)), fi[0], fo[0], groups=groups, stack_axes=st)
+        if lookup and fi == (ndim - 2,) and fo == (ndim - 1,):
+            return embedding(stack_axes=st)
+        return dense(fi, fo, stack_axes=st)
+
+    def _dot_general(self, eqn, ins, where):
+        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+        out_ndim = len(eqn.outvars[0].aval.shape)
+        if ins[0].views and ins[1].views:
+            self.other(ins, f"'dot_general' of two parameters{where}")
+            return [_EMPTY]
+        outputs = []
+        for side, (info, c, b) in enumerate(((ins[0], lc, lb), (ins[1], rc, rb))):
+            ndim = len(eqn.invars[side].aval.shape)
+            free = [d for d in range(ndim) if d not in c and d not in b]
+            for v in info.views:
+                fan_in = [x for d in c for x in v.axes[d]]
+                fan_out = [x for d in free for x in v.axes[d]]
+                stack = [x for d in b for x in v.axes[d]]
+                what = f"'dot_general'{where}"
+                role = self._weight_role(v, fan_in, fan_out, stack, what)
+                if role is None:
+                    continue
+                self.uses[v.leaf].append(_Use("weight", what, role))
+                other_free = len(eqn.invars[1 - side].aval.shape) - len(c) - len(b)
+                axes = [v.axes[d] for d in b]
+                if side == 0:
+                    axes += [v.axes[d] for d in free] + [()] * other_free
+                else:
+                    axes += [()] * other_free + [v.axes[d] for d in free]
+                assert len(axes) == out_ndim
+                outputs.append((v.leaf, tuple(axes)))
+        return [_Info(outputs=tuple(outputs), const=ins[0].const and ins[1].const)]
+
+    def _conv_general_dilated(self, eqn, ins, where):
+        dn = eqn.params["dimension_numbers"]
+        lhs, rhs = ins
+        if lhs.views or eqn.params["batch_group_count"] != 1:
+            self.other(ins, f"'conv_general_dilated'{where}")
+            return [_EMPTY]
+        outputs = []
+        out_axes: list[Axes] = [()] * len(eqn.outvars[0].aval.shape)
+        for v in rhs.views:
+            shape = self.shapes[v.leaf]
+            outs = v.axes[dn.rhs_spec[0]]
+            ins_ = v.axes[dn.rhs_spec[1]]
+            spatial = [x for d in dn.rhs_spec[2:] for x in v.axes[d]]
+            groups = int(eqn.params["feature_group_count"])
+            stack: list[int] = []
+            what = f"'conv_general_dilated'{where}"
+            if len(outs) > 1:  # vmap folds a stack axis into the output features and the groups.
+                lead = outs[:-1]
+                m = math.prod(shape[a] for a in lead)
+                if groups % m == 0:
+                    stack, groups, outs = list(lead), groups // m, outs[-1:]
+            if len(outs) != 1 or len(ins_) != 1:
+                self.uses[v.leaf].append(_Use("other", f"{what} whose features merge axes"))
+                continue
+            if not spatial and groups == 1:
+                role = self._weight_role(v, ins_, outs, stack, what)
+            else:
+                role = self._weight_role(v, ins_, outs, stack, what, spatial=spatial, groups=groups)
+            if role is None:
+                continue
+            self.uses[v.leaf].append(_Use("weight", what, role))
+            axes = list(out_axes)
+            axes[dn.out_spec[1]] = v.axes[dn.rhs_spec[0]]
+            outputs.append((v.leaf, tuple(axes)))
+        return [_Info(outputs=tuple(outputs), const=lhs.const and rhs.const)]
