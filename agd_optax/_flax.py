@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -24,30 +25,51 @@ from agd_optax._roles import (
 __all__ = ["nnx_roles"]
 
 
-def _module_roles(module: Any) -> dict[str, Role]:
-    """Roles of a module's own parameters, by module type; empty for types AGD does not know."""
+def _module_roles(module: Any) -> dict[str, tuple[Role, int]]:
+    """Roles of a module's own parameters by module type, each with the number of axes the
+    parameter has in one unstacked module; empty for types AGD does not know."""
     from flax import nnx
 
     if isinstance(module, nnx.Linear):
-        return {"kernel": dense(), "bias": bias()}
+        return {"kernel": (dense(), 2), "bias": (bias(), 1)}
     if isinstance(module, nnx.LinearGeneral):
         n_batch = len(module.batch_axis)
         n_in = len(module.in_features)
         n_out = len(module.out_features)
         ins = tuple(range(n_batch, n_batch + n_in))
         outs = tuple(range(n_batch + n_in, n_batch + n_in + n_out))
-        return {"kernel": dense(ins, outs, stack_axes=tuple(range(n_batch))), "bias": bias()}
+        kernel = dense(ins, outs, stack_axes=tuple(range(n_batch)))
+        return {"kernel": (kernel, n_batch + n_in + n_out), "bias": (bias(), n_batch + n_out)}
     if isinstance(module, nnx.ConvTranspose):
         in_axis, out_axis = (-1, -2) if module.transpose_kernel else (-2, -1)
-        return {"kernel": conv(in_axis=in_axis, out_axis=out_axis), "bias": bias()}
+        kernel = conv(in_axis=in_axis, out_axis=out_axis)
+        return {"kernel": (kernel, len(module.kernel_size) + 2), "bias": (bias(), 1)}
     if isinstance(module, nnx.Conv):
-        return {"kernel": conv(groups=module.feature_group_count), "bias": bias()}
+        kernel = conv(groups=module.feature_group_count)
+        return {"kernel": (kernel, len(module.kernel_size) + 2), "bias": (bias(), 1)}
     if isinstance(module, nnx.Embed):
-        return {"embedding": embedding()}
+        return {"embedding": (embedding(), 2)}
     norms = (nnx.BatchNorm, nnx.LayerNorm, nnx.RMSNorm, nnx.GroupNorm, nnx.InstanceNorm)
     if isinstance(module, norms):
-        return {"scale": norm(), "bias": norm()}
+        return {"scale": (norm(), 1), "bias": (norm(), 1)}
     return {}
+
+
+def _stacked(role: Role, n: int) -> Role:
+    """``role`` for a parameter with ``n`` more leading axes, each a stack axis."""
+    if n == 0 or role.kind == "bias":
+        return role
+
+    def shift(axes: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        return None if axes is None else tuple(a + n if a >= 0 else a for a in axes)
+
+    return dataclasses.replace(
+        role,
+        in_axes=shift(role.in_axes),
+        out_axes=shift(role.out_axes),
+        spatial_axes=shift(role.spatial_axes),
+        stack_axes=tuple(range(n)) + shift(role.stack_axes),
+    )
 
 
 def nnx_roles(model: Any) -> Callable[[Any], Any]:
@@ -59,7 +81,10 @@ def nnx_roles(model: Any) -> Callable[[Any], Any]:
     depthwise convolutions are exact), ``nnx.ConvTranspose`` kernels convolutions,
     ``nnx.Embed`` tables embeddings, their biases move with them, and the scales and offsets of
     ``BatchNorm``, ``LayerNorm``, ``RMSNorm``, ``GroupNorm`` and ``InstanceNorm`` are norm-layer
-    parameters. Parameters of other modules are inferred from their names, as without this helper.
+    parameters. Modules stacked by ``nnx.vmap`` (and run by ``nnx.scan``) have leading axes
+    beyond their own parameter shapes: those are stack axes, each slice a separate layer, for
+    norm-layer parameters too. Parameters of other modules are inferred from their names, as
+    without this helper.
 
     Args:
       model: an ``nnx.Module``.
@@ -83,8 +108,18 @@ def nnx_roles(model: Any) -> Callable[[Any], Any]:
     known: dict[tuple[str, ...], Role] = {}
     for module_path, module in nnx.iter_modules(model):
         prefix = tuple(str(k) for k in module_path)
-        for name, role in _module_roles(module).items():
-            known[prefix + (name,)] = role
+        for name, (role, ndim) in _module_roles(module).items():
+            param = getattr(module, name, None)
+            if param is None:
+                continue
+            value = param.get_value() if hasattr(param, "get_value") else param
+            stacked = len(value.shape) - ndim
+            if stacked < 0:
+                raise RoleError(
+                    f"'{path_to_str(prefix + (name,))}' has fewer axes than a "
+                    f"{type(module).__name__} {name} ({ndim}); nnx_roles cannot read it"
+                )
+            known[prefix + (name,)] = _stacked(role, stacked)
 
     def roles(params: Any) -> Any:
         flat, treedef = jax.tree_util.tree_flatten_with_path(params)
