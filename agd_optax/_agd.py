@@ -11,6 +11,8 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec
 
+from agd_optax._checks import check_gain, check_same_structure
+from agd_optax._rescale import eta_of, rescaled_step
 from agd_optax._roles import Layout, path_to_keys, path_to_str, resolve_layouts
 
 __all__ = ["AGDState", "agd", "scale_by_agd"]
@@ -29,26 +31,6 @@ class AGDState(NamedTuple):
 def _accumulation_dtype(tree: Any) -> jnp.dtype:
     """float32, or wider when a leaf is wider: norms and G never accumulate in bf16 or f16."""
     return jnp.result_type(jnp.float32, *(jnp.result_type(x) for x in jax.tree.leaves(tree)))
-
-
-def _check_same_structure(updates: Any, params: Any) -> None:
-    u_def = jax.tree.structure(updates)
-    p_def = jax.tree.structure(params)
-    if u_def == p_def:
-        return
-    u_paths = [
-        path_to_str(path_to_keys(p)) for p, _ in jax.tree_util.tree_flatten_with_path(updates)[0]
-    ]
-    p_paths = [
-        path_to_str(path_to_keys(p)) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]
-    ]
-    only_u = sorted(set(u_paths) - set(p_paths))
-    only_p = sorted(set(p_paths) - set(u_paths))
-    raise ValueError(
-        "AGD: the updates and params trees differ: "
-        f"leaves only in updates {only_u[:5]}, only in params {only_p[:5]} "
-        f"(updates {len(u_paths)} leaves, params {len(p_paths)})"
-    )
 
 
 def _safe_inverse(x: jax.Array) -> jax.Array:
@@ -127,8 +109,29 @@ def _agd_updates(
             total = total + _psum(part + 0.0 * jnp.sum(q), sharding(i, rest))
     total = total + 0.0 * total
     G = total / depth
-    eta = jnp.log((1.0 + jnp.sqrt(1.0 + 4.0 * G)) / 2.0)
+    eta = eta_of(G)
     all_inv = _safe_inverse(all_norms) * (eta / depth)
+
+    # A squared norm that overflowed (finite gradients from about 1e19 in float32) sends the
+    # step through the rescaled computation, which agrees with this one (to rounding) wherever
+    # this one does not overflow; the usual step pays no extra pass over the gradients. Each
+    # leaf's update is (g * shift) * (s * inverse), the shift 1 here, a power of two there.
+    all_axes = (
+        () if mesh_axes is None else tuple(sorted({n for m in mesh_axes for a in m for n in a}))
+    )
+    overflow = jnp.any(jnp.isinf(all_sq))
+    if all_axes:  # Every shard takes the same branch, whose collectives they share.
+        overflow = jax.lax.pmax(overflow.astype(jnp.int32), all_axes) > 0
+    all_shift, all_inv, eta, G = jax.lax.cond(
+        overflow,
+        lambda gs, *_: rescaled_step(gs, layouts, owners, acc, depth, sharding, all_axes),
+        lambda _, *fast: fast,
+        grads,
+        jnp.ones_like(all_inv),
+        all_inv,
+        eta,
+        G,
+    )
 
     updates = []
     for i, (g, q, lay) in enumerate(zip(grads, sq, layouts)):
@@ -136,11 +139,12 @@ def _agd_updates(
             j = owners.index(lay.owner)
             lo, hi = segment[len(sq) + j]
             stack_dims = tuple(owner_sq[j].shape[a] for a in layouts[lay.owner].stack_axes)
-            inv = all_inv[lo:hi].reshape(stack_dims + (1,) * (g.ndim - len(stack_dims)))
+            shape = stack_dims + (1,) * (g.ndim - len(stack_dims))
         else:
             lo, hi = segment[i]
-            inv = all_inv[lo:hi].reshape(q.shape)
-        u = g.astype(acc) * (lay.scale * inv)
+            shape = q.shape
+        shift, inv = all_shift[lo:hi].reshape(shape), all_inv[lo:hi].reshape(shape)
+        u = (g.astype(acc) * shift) * (lay.scale * inv)
         updates.append(u.astype(g.dtype))
     return updates, eta, G
 
@@ -184,10 +188,17 @@ def _global_shapes(updates: Any, mesh_axes: list[tuple[tuple[str, ...], ...]]) -
     leaves, treedef = jax.tree.flatten(updates)
     out = []
     for x, axes in zip(leaves, mesh_axes):
-        shape = tuple(
-            d * math.prod(jax.lax.axis_size(name) for name in names)
-            for d, names in zip(x.shape, axes)
-        )
+        try:
+            shape = tuple(
+                d * math.prod(jax.lax.axis_size(name) for name in names)
+                for d, names in zip(x.shape, axes)
+            )
+        except NameError as e:
+            raise ValueError(
+                f"AGD: param_specs names mesh axes, but update() runs where they are not bound "
+                f"({e}). param_specs is for update() inside jax.shard_map on parameter shards; "
+                "under jit with sharded arrays, or on whole parameters, leave it out"
+            ) from None
         out.append(jax.ShapeDtypeStruct(shape, x.dtype))
     return jax.tree.unflatten(treedef, out)
 
@@ -224,7 +235,10 @@ def scale_by_agd(
     A zero gradient gives a zero update (a frozen or unused layer moves nothing, and no NaN or Inf
     appears). A NaN or Inf in any gradient makes G, eta and every update NaN: wrap the optimizer in
     ``optax.apply_if_finite`` to skip such steps. Norms, G and eta are accumulated in float32 (or
-    the widest parameter dtype, e.g. float64); updates are returned in each gradient's dtype.
+    the widest parameter dtype, e.g. float64); updates are returned in each gradient's dtype. Any
+    finite gradient gives finite updates: when squaring overflows (float32 gradients from about
+    1e19), the norms are taken on gradients rescaled by powers of two, and a G beyond the dtype's
+    range is reported as Inf with eta = log(G) / 2 computed from the rescaled sum.
 
     Depth, scales and axes come from static shapes, so the state is three scalars and nothing is
     recomputed or synchronised with the host at run time.
@@ -250,7 +264,9 @@ def scale_by_agd(
       agd_optax.RoleError: at ``init`` or ``update``, naming the leaf, for a leaf whose role
         cannot be decided, a roles tree that does not match, or a bias without a weight.
       TypeError: naming the leaf, for integer, boolean or complex leaves.
-      ValueError: for empty leaves, or ``params`` whose structure differs from the updates.
+      ValueError: for empty leaves; ``params`` whose structure or leaf shapes differ from the
+        updates (naming the leaf); ``param_specs`` used where its mesh axes are not bound
+        (outside ``shard_map``).
 
     Example:
       >>> import jax.numpy as jnp, optax, agd_optax
@@ -280,7 +296,7 @@ def scale_by_agd(
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         if params is not None:
-            _check_same_structure(updates, params)
+            check_same_structure(updates, params)
         mesh_axes = None if param_specs is None else _mesh_axes_per_leaf(updates, param_specs)
         shapes = updates if mesh_axes is None else _global_shapes(updates, mesh_axes)
         layouts = resolve_layouts(shapes, roles_for(shapes if params is None else params))
@@ -318,6 +334,10 @@ def agd(
       An ``optax.GradientTransformationExtraArgs``. ``optax.tree.get(state, "eta")`` reads the
       automatic step size of the last update (before gain); ``"G"`` and ``"count"`` likewise.
 
+    Raises:
+      ValueError: for a constant gain that is not finite and above 0; TypeError for one that is
+        not a number. Otherwise as :func:`scale_by_agd`.
+
     Example:
       >>> import jax, jax.numpy as jnp, optax, agd_optax
       >>> from flax import nnx
@@ -337,6 +357,7 @@ def agd(
       Bernstein, Mingard, Huang, Azizan and Yue, `Automatic Gradient Descent: Deep Learning without
       Hyperparameters <https://arxiv.org/abs/2304.05187>`_, 2023.
     """
+    check_gain(gain)
     return optax.chain(
         scale_by_agd(roles=roles, param_specs=param_specs), optax.scale_by_learning_rate(gain)
     )

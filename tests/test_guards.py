@@ -1,0 +1,235 @@
+"""What AGD refuses or survives: huge finite gradients, bad gains, updates that do not fit the
+parameters, and param_specs outside shard_map."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import agd_optax
+
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _tree(rng, dtype=np.float32):
+    """A dense layer with its bias, a 3x3 conv and a norm-layer scale."""
+    return {
+        "dense": {
+            "kernel": rng.normal(size=(6, 3)).astype(dtype),
+            "bias": rng.normal(size=3).astype(dtype),
+        },
+        "conv": {"kernel": rng.normal(size=(3, 3, 2, 4)).astype(dtype)},
+        "norm": {"scale": rng.normal(size=4).astype(dtype)},
+    }
+
+
+def _norm(x, axis=None):
+    """Frobenius norm in float64 without overflow: on x / max|x|, then scaled back."""
+    m = np.max(np.abs(x), axis=axis, keepdims=axis is not None)
+    return np.linalg.norm(x / m, axis=axis, keepdims=axis is not None) * m
+
+
+def _reference(grads):
+    """The AGD step of ``_tree`` in float64 NumPy: (updates with gain 1, eta, G)."""
+    g = jax.tree.map(lambda x: np.asarray(x, np.float64), grads)
+    s_d, s_c = math.sqrt(3 / 6), math.sqrt(4 / 2) / 3
+    n_d = _norm(g["dense"]["kernel"])
+    per_pos = _norm(g["conv"]["kernel"], axis=(2, 3))
+    G = (s_d * n_d + s_c * per_pos.sum()) / 2
+    eta = math.log((1 + math.sqrt(1 + 4 * G)) / 2)
+    step = eta / 2
+    updates = {
+        "dense": {
+            "kernel": -step * s_d * g["dense"]["kernel"] / n_d,
+            "bias": -step * s_d * g["dense"]["bias"] / n_d,
+        },
+        "conv": {"kernel": -step * s_c * g["conv"]["kernel"] / per_pos},
+        "norm": {"scale": -step * g["norm"]["scale"] / _norm(g["norm"]["scale"])},
+    }
+    return updates, eta, G
+
+
+def _scaled(tree, factor):
+    """Every leaf times ``factor``, or, for "max", rescaled so its largest entry is float32's max."""
+    if factor == "max":
+        return jax.tree.map(
+            lambda x: (x / np.abs(x).max() * np.float64(F32_MAX)).astype(np.float32), tree
+        )
+    return jax.tree.map(lambda x: (x.astype(np.float64) * factor).astype(np.float32), tree)
+
+
+@jax.jit
+def _update(grads, params):
+    tx = agd_optax.agd()
+    return tx.update(grads, tx.init(params), params)
+
+
+@pytest.mark.parametrize("factor", [1.0, 2.0**70, 1e30, 1e37, "max"])
+def test_any_finite_gradient_gives_the_float64_step(factor):
+    """Squares of float32 gradients overflow from about 1e19; the step must not."""
+    rng = np.random.default_rng(0)
+    params = _tree(rng)
+    grads = _scaled(_tree(rng), factor)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(grads))
+    updates, state = _update(grads, params)
+    want, eta, G = _reference(grads)
+
+    assert float(state[0].eta) == pytest.approx(eta, rel=1e-6)
+    if G < F32_MAX:
+        assert float(state[0].G) == pytest.approx(G, rel=1e-6)
+    else:  # Beyond float32: reported as Inf, while eta (about log(G) / 2) stays exact.
+        assert float(state[0].G) == math.inf
+    for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]:
+        w = want
+        for key in path:
+            w = w[key.key]
+        assert u.dtype == jnp.float32
+        np.testing.assert_allclose(
+            np.asarray(u, np.float64), w, rtol=2e-6, atol=1e-7, err_msg=str(path)
+        )
+
+
+def test_rescaled_step_agrees_with_plain_step():
+    """Gradients times 2**70 (rescaled path) against the same gradients (plain path): norms and G
+    scale by exactly 2**70, so G agrees to rounding and each update is the same direction."""
+    rng = np.random.default_rng(1)
+    params, grads = _tree(rng), _tree(rng)
+    u1, s1 = _update(grads, params)
+    u2, s2 = _update(_scaled(grads, 2.0**70), params)
+    assert float(s2[0].G) == pytest.approx(float(s1[0].G) * 2.0**70, rel=2e-7)
+    for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
+        np.testing.assert_allclose(a / s1[0].eta, b / s2[0].eta, rtol=1e-6, atol=1e-8)
+
+
+def test_float64_gradients_beyond_the_square_range(x64):
+    rng = np.random.default_rng(2)
+    params = _tree(rng, np.float64)
+    grads = jax.tree.map(lambda x: x * 1e200, _tree(rng, np.float64))
+    updates, state = _update(grads, params)
+    want, eta, G = _reference(grads)
+    assert float(state[0].eta) == pytest.approx(eta, rel=1e-12)
+    assert float(state[0].G) == pytest.approx(G, rel=1e-12)
+    for u, w in zip(jax.tree.leaves(updates), jax.tree.leaves(want)):
+        np.testing.assert_allclose(u, w, rtol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_huge_gradients_with_a_nonfinite_entry_are_still_all_nan(bad):
+    rng = np.random.default_rng(3)
+    params, grads = _tree(rng), _scaled(_tree(rng), 1e30)
+    grads["norm"]["scale"][0] = bad
+    updates, state = _update(grads, params)
+    assert math.isnan(float(state[0].eta)) and math.isnan(float(state[0].G))
+    assert all(np.all(np.isnan(u)) for u in jax.tree.leaves(updates))
+
+
+def test_huge_gradients_on_parameter_shards_inside_shard_map():
+    """The rescaled path's reductions are completed across the mesh like the plain path's."""
+    assert jax.device_count() == 8
+    rng = np.random.default_rng(4)
+    params = {
+        "dense": {
+            "kernel": rng.normal(size=(16, 8)).astype(np.float32),
+            "bias": rng.normal(size=8).astype(np.float32),
+        },
+        "conv": {"kernel": rng.normal(size=(3, 3, 2, 8)).astype(np.float32)},
+        "norm": {"scale": rng.normal(size=8).astype(np.float32)},
+    }
+    grads = _scaled(jax.tree.map(lambda x: rng.normal(size=x.shape), params), 1e30)
+    grads["conv"]["kernel"][0, 0] *= 1e-20  # Positions far apart: per-position exponents.
+    specs = {
+        "dense": {"kernel": P("x", None), "bias": P()},
+        "conv": {"kernel": P(None, None, None, "x")},
+        "norm": {"scale": P("x")},
+    }
+    want_updates, want_state = _update(grads, params)
+    tx = agd_optax.agd(param_specs=specs)
+    mesh = jax.make_mesh((8,), ("x",))
+    sharded = jax.jit(
+        jax.shard_map(
+            lambda g, s, p: tx.update(g, s, p),
+            mesh=mesh,
+            in_specs=(specs, P(), specs),
+            out_specs=(specs, P()),
+        )
+    )
+    put = lambda tree: jax.tree.map(  # noqa: E731
+        lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec)), tree, specs
+    )
+    state = jax.device_put(tx.init(params), NamedSharding(mesh, P()))
+    updates, state = sharded(put(grads), state, put(params))
+    assert float(state[0].eta) == pytest.approx(float(want_state[0].eta), rel=1e-6)
+    assert float(state[0].G) == pytest.approx(float(want_state[0].G), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(want_updates)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------------------
+# The gain.
+
+
+@pytest.mark.parametrize(
+    "gain", [0.0, -1.0, 0, math.nan, math.inf, -math.inf, np.float32(0.0), np.asarray(-2.0)]
+)
+def test_gain_must_be_finite_and_positive(gain):
+    with pytest.raises(ValueError, match="gain must be a finite number above 0"):
+        agd_optax.agd(gain)
+
+
+@pytest.mark.parametrize("gain", ["1.0", True, None, np.ones(2), 1j])
+def test_gain_must_be_a_number(gain):
+    with pytest.raises((TypeError, ValueError), match="gain must be"):
+        agd_optax.agd(gain)
+
+
+def test_good_gains_schedules_and_traced_gains_are_taken():
+    params = {"dense": {"kernel": jnp.ones((4, 2))}}
+    grads = {"dense": {"kernel": jnp.full((4, 2), 0.5)}}
+    for gain in (1, 10.0, np.float32(0.5), jnp.asarray(2.0), optax.linear_schedule(1.0, 2.0, 5)):
+        tx = agd_optax.agd(gain)
+        tx.update(grads, tx.init(params), params)
+
+    tx = optax.inject_hyperparams(agd_optax.agd)(gain=3.0)
+    state = tx.init(params)
+    step = jax.jit(lambda g, s, p: tx.update(g, s, p))
+    updates, state = step(grads, state, params)
+    assert float(state.hyperparams["gain"]) == 3.0
+
+    @jax.jit
+    def traced(gain):
+        t = agd_optax.agd(gain)
+        return t.update(grads, t.init(params), params)[0]
+
+    a, b = traced(2.0), traced(4.0)
+    np.testing.assert_allclose(2.0 * a["dense"]["kernel"], b["dense"]["kernel"], rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# Updates against params, and param_specs.
+
+
+def test_updates_whose_shapes_differ_from_params_name_the_leaf():
+    params = {"a": {"kernel": jnp.ones((4, 2))}, "b": {"kernel": jnp.ones((3, 3))}}
+    tx = agd_optax.agd()
+    state = tx.init(params)
+    updates = {"a": {"kernel": jnp.ones((2, 4))}, "b": {"kernel": jnp.ones((3, 3))}}
+    with pytest.raises(
+        ValueError, match=r"'a/kernel' has shape \(2, 4\) in the updates but \(4, 2\)"
+    ):
+        tx.update(updates, state, params)
+    with pytest.raises(ValueError, match="'a/kernel'"):
+        jax.jit(tx.update)(updates, state, params)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_param_specs_outside_shard_map_say_where_they_belong(jit):
+    params = {"dense": {"kernel": jnp.ones((8, 4))}}
+    tx = agd_optax.agd(param_specs={"dense": {"kernel": P("model", None)}})
+    update = jax.jit(tx.update) if jit else tx.update
+    with pytest.raises(ValueError, match="param_specs.*inside jax.shard_map"):
+        update(params, tx.init(params), params)
