@@ -106,6 +106,32 @@ def test_rescaled_step_agrees_with_plain_step():
         np.testing.assert_allclose(a / s1[0].eta, b / s2[0].eta, rtol=1e-6, atol=1e-8)
 
 
+def test_rescaled_step_on_stacked_layers():
+    """Stacked weights with their biases and stacked norm parameters: each slice is normalised on
+    its own in the rescaled path too (slices of very different sizes, one far beyond 1e19)."""
+    rng = np.random.default_rng(5)
+    roles = {
+        "blocks": {
+            "kernel": agd_optax.dense(stack_axes=0),
+            "bias": agd_optax.bias(),
+            "scale": agd_optax.norm(stack_axes=0),
+        }
+    }
+    shapes = {"blocks": {"kernel": (3, 5, 4), "bias": (3, 4), "scale": (3, 4)}}
+    is_shape = lambda x: isinstance(x, tuple)  # noqa: E731
+    params = jax.tree.map(lambda s: rng.normal(size=s).astype(np.float32), shapes, is_leaf=is_shape)
+    grads = jax.tree.map(lambda s: rng.normal(size=s), shapes, is_leaf=is_shape)
+    per_slice = np.array([1e-3, 1.0, 1e3])[:, None]
+    grads = jax.tree.map(lambda g: g * per_slice.reshape((3,) + (1,) * (g.ndim - 1)), grads)
+    tx = agd_optax.agd(roles=roles)
+    update = jax.jit(tx.update)
+    u1, s1 = update(_scaled(grads, 1.0), tx.init(params), params)
+    u2, s2 = update(_scaled(grads, 1e30), tx.init(params), params)
+    assert float(s2[0].G) == pytest.approx(float(s1[0].G) * 1e30, rel=1e-6)
+    for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
+        np.testing.assert_allclose(a / s1[0].eta, b / s2[0].eta, rtol=1e-5, atol=1e-8)
+
+
 def test_float64_gradients_beyond_the_square_range(x64):
     rng = np.random.default_rng(2)
     params = _tree(rng, np.float64)
