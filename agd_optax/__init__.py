@@ -2,6 +2,12 @@
 
 from agd_optax._agd import AGDState, agd, scale_by_agd
 from agd_optax._flax import nnx_roles  # Imports flax only when called.
+from agd_optax._hypergradient import (
+    HypergradientState,
+    hypergradient,
+    hypergradient_tower,
+    learned_hyperparams,
+)
 from agd_optax._initializers import conv_init, dense_init, reinitialize, scaled_orthogonal
 from agd_optax._roles import (
     Layout,
@@ -21,6 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AGDState",
+    "HypergradientState",
     "Layout",
     "Role",
     "RoleError",
@@ -31,7 +38,10 @@ __all__ = [
     "dense",
     "dense_init",
     "embedding",
+    "hypergradient",
+    "hypergradient_tower",
     "infer_roles",
+    "learned_hyperparams",
     "nnx_roles",
     "norm",
     "reinitialize",

@@ -1,0 +1,367 @@
+"""Hypergradient descent: an optimizer's hyperparameters learned online, in towers of any height."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = [
+    "HypergradientState",
+    "hypergradient",
+    "hypergradient_tower",
+    "learned_hyperparams",
+]
+
+
+class HypergradientState(NamedTuple):
+    """State of :func:`hypergradient`."""
+
+    hyperparams: dict[str, jax.Array]  # name -> shape=(), float32 (or the widest param dtype):
+    # the values the last update used.
+    raw: tuple[jax.Array, ...]  # shape=() each, same dtype, in sorted-name order: the
+    # unconstrained coordinates the hyper-optimizer updates (hyperparams = constraint(raw)).
+    tangents: Any  # params-shaped tree, each leaf with a leading axis of size len(raw), in the
+    # updates' dtype: d(last update)/d(raw[k]), the previous update's tangent per hyperparameter.
+    base_state: Any  # the base optimizer's state.
+    hyper_state: Any  # the hyper-optimizer's state (a HypergradientState in a tower).
+
+
+class _Constraint(NamedTuple):
+    to_value: Callable[[jax.Array, float], jax.Array]  # (raw, initial value) -> value
+    to_raw: Callable[[float], float]  # initial value -> raw
+    valid: Callable[[float], bool]
+    domain: str
+
+
+_SOFTPLUS_SHARPNESS = 1.0  # tau = this * the initial value, in the "softplus" constraint.
+
+
+def _softplus_to_raw(v: float) -> float:
+    tau = _SOFTPLUS_SHARPNESS * v
+    return tau * math.log(math.expm1(v / tau))
+
+
+# How each hyperparameter's value is made from the unconstrained coordinate the hyper-optimizer
+# moves. "squash" is the authors' clamp for Adam's betas: (tanh(r) + 1) / 2, i.e. sigmoid(2 r).
+_CONSTRAINTS = {
+    "identity": _Constraint(lambda r, v0: r, lambda v: v, math.isfinite, "a finite number"),
+    "exp": _Constraint(
+        lambda r, v0: jnp.exp(r), math.log, lambda v: v > 0 and math.isfinite(v), "positive"
+    ),
+    "softplus": _Constraint(
+        lambda r, v0: (_SOFTPLUS_SHARPNESS * v0) * jax.nn.softplus(r / (_SOFTPLUS_SHARPNESS * v0)),
+        _softplus_to_raw,
+        lambda v: v > 0 and math.isfinite(v),
+        "positive",
+    ),
+    "squash": _Constraint(
+        lambda r, v0: (jnp.tanh(r) + 1.0) / 2.0,
+        lambda v: math.atanh(2.0 * v - 1.0),
+        lambda v: 0.0 < v < 1.0,
+        "in (0, 1)",
+    ),
+}
+# Averaging coefficients (momentum, Adam's betas, decay rates) live in (0, 1).
+_UNIT_INTERVAL_NAMES = frozenset({"b1", "b2", "beta1", "beta2", "momentum", "decay", "b3"})
+
+
+def _default_constraint(name: str) -> str:
+    return "squash" if name in _UNIT_INTERVAL_NAMES else "softplus"
+
+
+def _accumulation_dtype(tree: Any) -> jnp.dtype:
+    return jnp.result_type(jnp.float32, *(jnp.result_type(x) for x in jax.tree.leaves(tree)))
+
+
+def _set_injected(base_state: Any, values: Mapping[str, jax.Array]) -> Any:
+    """Writes the values into every ``inject_hyperparams`` state of the base optimizer: its update
+    reads its hyperparameters from its state, not from the factory's arguments."""
+
+    def is_injected(x):
+        return isinstance(x, tuple) and isinstance(getattr(x, "hyperparams", None), dict)
+
+    def replace(x):
+        if not is_injected(x):
+            return x
+        hp = dict(x.hyperparams)
+        for name, v in values.items():
+            if name in hp:
+                hp[name] = v.astype(jnp.result_type(hp[name]))
+        return x._replace(hyperparams=hp)
+
+    return jax.tree.map(replace, base_state, is_leaf=is_injected)
+
+
+def hypergradient(
+    base: Callable[..., optax.GradientTransformation],
+    hyper_opt: optax.GradientTransformation,
+    *,
+    constraints: Mapping[str, str] | None = None,
+    **hyperparams: float,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Learns an optimizer's hyperparameters online by gradient descent on the training loss.
+
+    ``base`` is a function of hyperparameters returning an optax transformation (``optax.sgd``,
+    ``lambda learning_rate, b1, b2: optax.adam(learning_rate, b1, b2)``, an
+    ``optax.inject_hyperparams(...)`` factory, or a :func:`hypergradient` itself); ``hyperparams``
+    gives their initial values by name. With :math:`\theta = c(r)` the hyperparameters made from
+    unconstrained coordinates :math:`r`, :math:`u_t(r)` the base update and :math:`g_t` the gradient
+    at :math:`w_t = w_{t-1} + u_{t-1}`, each step
+
+    .. math::
+
+      h_t = \frac{\partial f(w_t)}{\partial r} = g_t \cdot \frac{\partial u_{t-1}}{\partial r},
+      \qquad r_t = r_{t-1} + \mathrm{hyper\_opt}(h_t), \qquad
+      u_t = \mathrm{base}(c(r_t)).\mathrm{update}(g_t, s_{t-1}),
+
+    the hypergradient first and the base update with the new hyperparameters second, as in
+    Chandra et al.'s implementation. :math:`\partial u_t / \partial r` is computed by
+    ``jax.jvp`` of the base update (one tangent per hyperparameter, the previous base state held
+    constant, i.e. the dependence through earlier steps is dropped, as in the paper) and kept in
+    the state for the next step: nothing is derived by hand, so any base optimizer works.
+
+    For plain SGD, :math:`u_{t-1} = -\alpha g_{t-1}` and :math:`h_t = -g_t \cdot g_{t-1}` with
+    respect to :math:`\alpha` (hypergradient descent, Baydin et al. 2018).
+
+    Each hyperparameter stays in its valid range by construction (``constraints``):
+
+    * ``"exp"`` (the default for every name but the ones below): :math:`\theta = e^r`, positive;
+      the hyper-optimizer moves :math:`\log\theta`, so its step is relative;
+    * ``"squash"`` (the default for ``b1``, ``b2``, ``beta1``, ``beta2``, ``b3``, ``momentum``,
+      ``decay``): :math:`\theta = (\tanh r + 1)/2 \in (0, 1)`, the clamp the authors apply to Adam's
+      betas;
+    * ``"identity"``: :math:`\theta = r`, unconstrained (the authors' choice for SGD's step size).
+
+    **Towers.** ``hyper_opt`` may itself be a :func:`hypergradient`: it then learns its own
+    hyperparameters (e.g. the hyper-step size) from the hypergradient of the level below, to any
+    height; the top is a plain optax transformation with a small fixed step. Its ``params`` are
+    the unconstrained coordinates :math:`r`. See :func:`hypergradient_tower`.
+
+    Memory: the base state, plus one params-shaped tangent per learned hyperparameter (in the
+    updates' dtype), plus a few scalars and the hyper-optimizer's state. Learning SGD's step size
+    costs one extra copy of the parameters; learning Adam's step size and betas, three.
+
+    Args:
+      base: a function of the hyperparameters, by keyword, returning an optax transformation. It
+        must accept JAX arrays (it is called under tracing) and its state's structure must not
+        depend on their values. Hyperparameters of an ``optax.inject_hyperparams`` state are
+        overwritten with the learned values before each base update.
+      hyper_opt: the optax transformation updating the unconstrained coordinates from their
+        hypergradients, e.g. ``optax.sgd(1e-5)``; or a :func:`hypergradient` for a taller tower.
+      constraints: optional, hyperparameter name -> ``"exp"``, ``"squash"`` or ``"identity"``,
+        overriding the defaults above.
+      **hyperparams: the initial value of every hyperparameter to learn, by the name ``base``
+        takes it by. At least one.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is :class:`HypergradientState`
+      (extra arguments go to the base optimizer). ``optax.tree.get(state, "learning_rate")``
+      reads the learned value (in a tower, where every level has a step size, use
+      :func:`learned_hyperparams`).
+
+    Raises:
+      ValueError: for no hyperparameters, an unknown constraint, or an initial value outside
+        its constraint's range, naming the hyperparameter.
+      TypeError: naming the hyperparameter, when ``base`` cannot take traced hyperparameters.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, agd_optax
+      >>> loss = lambda w: 0.5 * jnp.sum(jnp.array([1.0, 10.0]) * w**2)
+      >>> tx = agd_optax.hypergradient(optax.sgd, optax.sgd(1e-3), learning_rate=0.01)
+      >>> w = jnp.array([1.0, 1.0]); state = tx.init(w)
+      >>> for _ in range(50):
+      ...   updates, state = tx.update(jax.grad(loss)(w), state, w)
+      ...   w = optax.apply_updates(w, updates)
+      >>> bool(optax.tree.get(state, "learning_rate") > 0.05), bool(loss(w) < 1e-3)
+      (True, True)
+
+    References:
+      Chandra, Xie, Ragan-Kelley and Meijer, `Gradient Descent: The Ultimate Optimizer
+      <https://arxiv.org/abs/1909.13371>`_, NeurIPS 2022.
+
+      Baydin, Cornish, Martinez Rubio, Schmidt and Wood, `Online Learning Rate Adaptation with
+      Hypergradient Descent <https://arxiv.org/abs/1703.04782>`_, ICLR 2018.
+    """
+    if not hyperparams:
+        raise ValueError("hypergradient: give the initial value of at least one hyperparameter")
+    names = tuple(sorted(hyperparams))
+    constraints = dict(constraints or {})
+    unknown = sorted(set(constraints) - set(names))
+    if unknown:
+        raise ValueError(
+            f"hypergradient: constraints given for {unknown}, which are not among the "
+            f"hyperparameters {list(names)}"
+        )
+    kinds = {n: constraints.get(n, _default_constraint(n)) for n in names}
+    for n, kind in kinds.items():
+        if kind not in _CONSTRAINTS:
+            raise ValueError(
+                f"hypergradient: constraint {kind!r} of {n!r} is not one of {sorted(_CONSTRAINTS)}"
+            )
+        value = hyperparams[n]
+        if not isinstance(value, (int, float)) or not _CONSTRAINTS[kind].valid(float(value)):
+            raise ValueError(
+                f"hypergradient: the initial {n}={value!r} must be a number "
+                f"{_CONSTRAINTS[kind].domain} (constraint {kind!r}); pass constraints={{{n!r}: ...}} "
+                "to change the range"
+            )
+    raw0 = tuple(_CONSTRAINTS[kinds[n]].to_raw(float(hyperparams[n])) for n in names)
+
+    def values_of(raw):
+        return {
+            n: _CONSTRAINTS[kinds[n]].to_value(r, float(hyperparams[n])) for n, r in zip(names, raw)
+        }
+
+    def make_base(values):
+        try:
+            return optax.with_extra_args_support(base(**values))
+        except jax.errors.ConcretizationTypeError as e:
+            raise TypeError(
+                f"hypergradient: the base optimizer factory cannot take the hyperparameters "
+                f"{list(names)} as traced JAX arrays (it converts one to a Python value). "
+                f"JAX says: {e}"
+            ) from None
+
+    def init_fn(params):
+        acc = _accumulation_dtype(params)
+        raw = tuple(jnp.asarray(r, acc) for r in raw0)
+        values = values_of(raw)
+        k = len(names)
+        return HypergradientState(
+            hyperparams=values,
+            raw=raw,
+            tangents=jax.tree.map(
+                lambda p: jnp.zeros((k, *jnp.shape(p)), jnp.result_type(p)), params
+            ),
+            base_state=make_base(values).init(params),
+            hyper_state=hyper_opt.init(raw),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        grads = updates
+        acc = jnp.result_type(state.raw[0].dtype, _accumulation_dtype(grads))
+
+        # 1. The hypergradient: the gradient at the current parameters dotted with the tangents
+        #    of the update that brought them here.
+        def dot(g, t):
+            axes = tuple(range(1, t.ndim))
+            return jnp.sum(g.astype(acc)[None] * t.astype(acc), axis=axes)
+
+        per_leaf = jax.tree.leaves(jax.tree.map(dot, grads, state.tangents))
+        hyper_grad = sum(per_leaf[1:], per_leaf[0]) if per_leaf else jnp.zeros(len(names), acc)
+        hyper_grad = tuple(hyper_grad[i].astype(r.dtype) for i, r in enumerate(state.raw))
+
+        # 2. The hyper-optimizer moves the unconstrained coordinates.
+        hyper_updates, hyper_state = hyper_opt.update(hyper_grad, state.hyper_state, state.raw)
+        raw = optax.apply_updates(state.raw, hyper_updates)
+        raw = tuple(r.astype(r0.dtype) for r, r0 in zip(raw, state.raw))
+
+        # 3. The base update with the new hyperparameters, and its tangent per hyperparameter.
+        def base_update(raw):
+            values = values_of(raw)
+            base_state = _set_injected(state.base_state, values)
+            out, new_base_state = make_base(values).update(grads, base_state, params, **extra_args)
+            out = jax.tree.map(lambda u, g: u.astype(jnp.result_type(g)), out, grads)
+            return out, new_base_state
+
+        basis = tuple(jnp.eye(len(names), dtype=raw[0].dtype)[:, i] for i in range(len(names)))
+        jvp = lambda v: jax.jvp(base_update, (raw,), (v,), has_aux=True)  # noqa: E731
+        new_updates, tangents, new_base_state = jax.vmap(jvp, out_axes=(None, 0, None))(basis)
+        return new_updates, HypergradientState(
+            hyperparams=values_of(raw),
+            raw=raw,
+            tangents=tangents,
+            base_state=new_base_state,
+            hyper_state=hyper_state,
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def hypergradient_tower(
+    base: Callable[..., optax.GradientTransformation],
+    height: int,
+    *,
+    hyper_learning_rate: float = 1e-5,
+    meta_learning_rate: float = 1.0,
+    constraints: Mapping[str, str] | None = None,
+    **hyperparams: float,
+) -> optax.GradientTransformation:
+    r"""A tower of :func:`hypergradient` levels over ``base``, each level SGD on the one below.
+
+    * ``height`` 0: ``base(**hyperparams)``, nothing learned;
+    * level 1 moves the base's hyperparameters with SGD of step ``hyper_learning_rate``: fixed
+      when ``height`` is 1, learned from its initial value otherwise;
+    * every level above moves the log of the step size below it (constraint ``"exp"``: it stays
+      positive, and its step is relative, so one value suits every level) with SGD of step
+      ``meta_learning_rate``, learned except at the top, which is fixed.
+
+    So height 2 is ``hypergradient(base, hypergradient(optax.sgd, optax.sgd(meta),
+    learning_rate=hyper))`` and each further level inserts one more learned SGD below the top.
+
+    Args:
+      base: a function of the hyperparameters returning an optax transformation.
+      height: the number of learning levels above ``base``, 0 or more.
+      hyper_learning_rate: the (initial) step size of level 1.
+      meta_learning_rate: the (initial) step size of the levels above 1 and the top's fixed step.
+      constraints: as in :func:`hypergradient`, for the base's hyperparameters.
+      **hyperparams: the base's initial hyperparameters, by name.
+
+    Returns:
+      An optax transformation; for ``height >= 1``, a :func:`hypergradient`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, agd_optax
+      >>> tx = agd_optax.hypergradient_tower(optax.sgd, 3, learning_rate=0.1)
+      >>> state = tx.init(jnp.zeros(3))
+      >>> [f"{level['learning_rate']:.0e}" for level in agd_optax.learned_hyperparams(state)]
+      ['1e-01', '1e-05', '1e+00']
+    """
+    if not isinstance(height, int) or isinstance(height, bool) or height < 0:
+        raise ValueError(f"hypergradient_tower: height must be an integer >= 0, got {height!r}")
+    for name, step in (("hyper", hyper_learning_rate), ("meta", meta_learning_rate)):
+        if not (isinstance(step, (int, float)) and step > 0 and math.isfinite(step)):
+            raise ValueError(
+                f"hypergradient_tower: {name}_learning_rate must be positive, got {step!r}"
+            )
+    if height == 0:
+        if constraints:
+            raise ValueError("hypergradient_tower: constraints need height >= 1")
+        return base(**hyperparams)
+    opt = optax.sgd(hyper_learning_rate if height == 1 else meta_learning_rate)
+    for level in range(height - 1, 0, -1):
+        opt = hypergradient(
+            optax.sgd,
+            opt,
+            constraints={"learning_rate": "exp"},
+            learning_rate=hyper_learning_rate if level == 1 else meta_learning_rate,
+        )
+    return hypergradient(base, opt, constraints=constraints, **hyperparams)
+
+
+def learned_hyperparams(state: Any) -> list[dict[str, jax.Array]]:
+    """The current hyperparameters of every level of a :func:`hypergradient` tower, bottom first.
+
+    ``state`` is the tower's state or any tree holding exactly one (an ``optax.chain`` state, the
+    pure state of an ``nnx.Optimizer``). Level 0 is the base optimizer's hyperparameters, level 1
+    the hyper-optimizer's, and so on up to the last learning level.
+
+    Raises:
+      ValueError: when ``state`` holds no :func:`hypergradient` state, or several side by side.
+    """
+    is_hg = lambda x: isinstance(x, HypergradientState)  # noqa: E731
+    found = [x for x in jax.tree.leaves(state, is_leaf=is_hg) if is_hg(x)]
+    if len(found) != 1:
+        raise ValueError(
+            f"learned_hyperparams: expected one hypergradient state in the tree, found {len(found)}"
+        )
+    levels, s = [], found[0]
+    while isinstance(s, HypergradientState):
+        levels.append(dict(s.hyperparams))
+        s = s.hyper_state
+    return levels
