@@ -266,7 +266,12 @@ def hypergradient(
             values = values_of(raw)
             base_state = _set_injected(state.base_state, values)
             out, new_base_state = make_base(values).update(grads, base_state, params, **extra_args)
+            # Learned values are float32 arrays, not weakly typed Python floats: keep the dtypes of
+            # the gradients and of the base state (bf16 momentum stays bf16).
             out = jax.tree.map(lambda u, g: u.astype(jnp.result_type(g)), out, grads)
+            new_base_state = jax.tree.map(
+                lambda x, x0: x.astype(jnp.result_type(x0)), new_base_state, state.base_state
+            )
             return out, new_base_state
 
         basis = tuple(jnp.eye(len(names), dtype=raw[0].dtype)[:, i] for i in range(len(names)))
@@ -344,24 +349,44 @@ def hypergradient_tower(
     return hypergradient(base, opt, constraints=constraints, **hyperparams)
 
 
+def _is_hypergradient_state(x: Any) -> bool:
+    """A HypergradientState, or its image in Flax NNX's state (a mapping of its fields)."""
+    if isinstance(x, HypergradientState):
+        return True
+    return isinstance(x, Mapping) and {"hyperparams", "raw", "tangents"} <= set(x.keys())
+
+
+def _find_hypergradient_states(node: Any) -> list[Any]:
+    if _is_hypergradient_state(node):
+        return [node]
+    if isinstance(node, Mapping):
+        children = list(node.values())
+    elif isinstance(node, (tuple, list)):
+        children = list(node)
+    else:
+        return []
+    return [found for child in children for found in _find_hypergradient_states(child)]
+
+
 def learned_hyperparams(state: Any) -> list[dict[str, jax.Array]]:
     """The current hyperparameters of every level of a :func:`hypergradient` tower, bottom first.
 
-    ``state`` is the tower's state or any tree holding exactly one (an ``optax.chain`` state, the
-    pure state of an ``nnx.Optimizer``). Level 0 is the base optimizer's hyperparameters, level 1
-    the hyper-optimizer's, and so on up to the last learning level.
+    ``state`` is the tower's state or any tree holding exactly one: an ``optax.chain`` state, or
+    the state of an ``nnx.Optimizer`` (``nnx.as_pure(nnx.state(optimizer.opt_state))``). Level 0
+    holds the base optimizer's hyperparameters, level 1 the hyper-optimizer's, and so on up to
+    the last learning level.
 
     Raises:
       ValueError: when ``state`` holds no :func:`hypergradient` state, or several side by side.
     """
-    is_hg = lambda x: isinstance(x, HypergradientState)  # noqa: E731
-    found = [x for x in jax.tree.leaves(state, is_leaf=is_hg) if is_hg(x)]
+    found = _find_hypergradient_states(state)
     if len(found) != 1:
         raise ValueError(
             f"learned_hyperparams: expected one hypergradient state in the tree, found {len(found)}"
         )
     levels, s = [], found[0]
-    while isinstance(s, HypergradientState):
-        levels.append(dict(s.hyperparams))
-        s = s.hyper_state
+    while s is not None and _is_hypergradient_state(s):
+        fields = s._asdict() if isinstance(s, HypergradientState) else s
+        levels.append(dict(fields["hyperparams"]))
+        s = fields.get("hyper_state")
     return levels
