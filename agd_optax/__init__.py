@@ -1,6 +1,7 @@
 """agd_optax: Automatic Gradient Descent for JAX, as an optax gradient transformation."""
 
 from agd_optax._agd import AGDState, agd, scale_by_agd
+from agd_optax._agd_momentum import AGDMomentumState, agd_momentum, scale_by_agd_momentum
 from agd_optax._flax import nnx_roles  # Imports flax only when called.
 from agd_optax._hypergradient import (
     HypergradientState,
@@ -26,12 +27,14 @@ from agd_optax._trace import trace_roles
 __version__ = "0.1.0"
 
 __all__ = [
+    "AGDMomentumState",
     "AGDState",
     "HypergradientState",
     "Layout",
     "Role",
     "RoleError",
     "agd",
+    "agd_momentum",
     "bias",
     "conv",
     "conv_init",
@@ -47,6 +50,7 @@ __all__ = [
     "reinitialize",
     "resolve_layouts",
     "scale_by_agd",
+    "scale_by_agd_momentum",
     "scaled_orthogonal",
     "trace_roles",
 ]
