@@ -11,10 +11,10 @@ import optax
 from agd_optax._agd import (
     _accumulation_dtype,
     _agd_updates,
-    _check_same_structure,
     _global_shapes,
     _mesh_axes_per_leaf,
 )
+from agd_optax._checks import check_gain, check_same_structure
 from agd_optax._roles import resolve_layouts
 
 __all__ = ["AGDMomentumState", "agd_momentum", "scale_by_agd_momentum"]
@@ -112,7 +112,7 @@ def scale_by_agd_momentum(
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         if params is not None:
-            _check_same_structure(updates, params)
+            check_same_structure(updates, params)
         mesh_axes = None if param_specs is None else _mesh_axes_per_leaf(updates, param_specs)
         shapes = updates if mesh_axes is None else _global_shapes(updates, mesh_axes)
         layouts = resolve_layouts(shapes, roles_for(shapes if params is None else params))
@@ -169,6 +169,10 @@ def agd_momentum(
       An ``optax.GradientTransformationExtraArgs``; ``optax.tree.get(state, "eta")`` reads the
       last step (before gain), ``"G"``, ``"count"`` and ``"momentum"`` likewise.
 
+    Raises:
+      ValueError: for a constant gain that is not finite and above 0 (TypeError for one that is
+        not a number), or a momentum outside [0, 1). Otherwise as :func:`scale_by_agd_momentum`.
+
     Example:
       >>> import jax, jax.numpy as jnp, optax, agd_optax
       >>> from flax import nnx
@@ -188,6 +192,7 @@ def agd_momentum(
       Bernstein, Mingard, Huang, Azizan and Yue, `Automatic Gradient Descent: Deep Learning without
       Hyperparameters <https://arxiv.org/abs/2304.05187>`_, 2023.
     """
+    check_gain(gain)
     return optax.chain(
         scale_by_agd_momentum(momentum=momentum, roles=roles, param_specs=param_specs),
         optax.scale_by_learning_rate(gain),
