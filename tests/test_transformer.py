@@ -186,12 +186,20 @@ def test_roles_match_the_layers_and_stack_axes():
         assert by_path[f"{prefix}/fc1/kernel"].scale == pytest.approx(2.0)
         assert by_path[f"{prefix}/attn/query/bias"].kind == "bias"
         assert by_path[f"{prefix}/ln1/scale"].kind == "norm"
+        assert by_path[f"{prefix}/ln1/scale"].stack_axes == query.stack_axes
         assert by_path["token_embed/embedding"].scale == pytest.approx(math.sqrt(16 / VOCAB))
-    # The unstacked model's roles agree with what nnx_roles reads off its module types.
-    inferred = agd_optax.nnx_roles(flat)(nnx.state(flat, nnx.Param))
-    params = nnx.state(flat, nnx.Param)
-    assert agd_optax.resolve_layouts(params, inferred) == agd_optax.resolve_layouts(
-        params, transformer_roles(flat)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+@pytest.mark.parametrize("tied", [False, True])
+def test_roles_are_those_trace_roles_reads(scan_layers, tied):
+    model = make(bias=True, tied=tied, scan_layers=scan_layers)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    traced = agd_optax.trace_roles(
+        lambda p, r, x: nnx.merge(graphdef, p, r)(x), params, rest, tokens()
+    )
+    assert agd_optax.resolve_layouts(params, traced) == agd_optax.resolve_layouts(
+        params, transformer_roles(model)
     )
 
 
@@ -214,7 +222,7 @@ def agd_losses(model, steps=6):
 
 
 def test_stacked_and_unstacked_give_the_same_agd_loss_curve():
-    flat, scanned = twins()
+    flat, scanned = twins(bias=True, tied=True)  # Biases, norms and a tied head included.
     curve = agd_losses(flat)
     assert float(curve[-1]) < float(curve[0])
     chex.assert_trees_all_close(agd_losses(scanned), curve, rtol=1e-5)

@@ -224,9 +224,11 @@ def load_params(model: nnx.Module, flat: dict[tuple[str, ...], jax.Array]) -> No
 
 
 def transformer_roles(model: Transformer) -> dict[str, Any]:
-    """AGD roles of every parameter of ``model``, a nested dict with the parameters' paths (pass
-    it as ``agd(roles=...)``), for either layout: a scanned model's block weights carry a leading
-    stack axis."""
+    """AGD roles of every parameter of ``model``, spelled out (the roles ``agd_optax.trace_roles``
+    reads off the forward pass), as a nested dict with the parameters' paths for
+    ``agd(roles=...)``. A scanned model's block parameters carry a leading stack axis; a tied
+    table takes the output head's role (the matrix ``width -> vocab``), where it acts as a whole.
+    """
     stack = (0,) if model.scan_layers else ()
     n = len(stack)
     weights = {
@@ -239,19 +241,20 @@ def transformer_roles(model: Transformer) -> dict[str, Any]:
     }
     roles: dict[tuple[str, ...], agd_optax.Role] = {}
     for key in _flat(nnx.state(model, nnx.Param)):
-        block_key = key[1:] if model.scan_layers else key[2:]
-        if key[0] != "blocks":
-            block_key = None
-        if block_key is not None and block_key in weights:
+        in_block = key[0] == "blocks"
+        block_key = (key[1:] if model.scan_layers else key[2:]) if in_block else ()
+        if block_key in weights:
             roles[key] = weights[block_key]
+        elif key == ("token_embed", "embedding") and model.tied:
+            roles[key] = agd_optax.dense(in_axes=-1, out_axes=-2)
         elif key[-1] == "embedding":
             roles[key] = agd_optax.embedding()
         elif key == ("head", "kernel"):
             roles[key] = agd_optax.dense()
-        elif key[-1] == "bias" and key[-2] not in ("ln1", "ln2", "ln_f"):
+        elif key[-1] in ("scale", "bias") and key[-2] in ("ln1", "ln2", "ln_f"):
+            roles[key] = agd_optax.norm(stack_axes=stack if in_block else ())
+        elif key[-1] == "bias":
             roles[key] = agd_optax.bias()
-        elif key[-1] in ("scale", "bias"):
-            roles[key] = agd_optax.norm()
         else:
             raise ValueError(f"no AGD role for transformer parameter '{'/'.join(key)}'")
     nested: dict[str, Any] = {}
