@@ -7,8 +7,32 @@ import json
 import os
 from typing import Any
 
-ARCHS = ("fcn", "cnn1d", "vgg", "vgg16", "resnet18", "preact_resnet18", "resnet50")
-DATASETS = ("digits", "mnist1d", "mnist", "cifar10", "cifar100", "imagenet")
+ARCHS = (
+    "fcn",
+    "cnn1d",
+    "vgg",
+    "vgg16",
+    "resnet18",
+    "preact_resnet18",
+    "resnet50",
+    "transformer",
+)
+TEXT_DATASETS = ("pystdlib", "text")  # Byte-level corpora, for the transformer.
+DATASETS = ("digits", "mnist1d", "mnist", "cifar10", "cifar100", "imagenet", *TEXT_DATASETS)
+VOCABS = ("bytes", "compact")
+# What the transformer changes in the defaults (a small byte-level LM that trains in minutes on a
+# CPU); flags given on the command line win.
+ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "transformer": dict(
+        dataset="pystdlib",
+        depth=2,
+        width=128,
+        train_bs=32,
+        test_bs=64,
+        epochs=10,
+        max_steps_per_epoch=100,
+    ),
+}
 LOSSES = ("mse", "xent")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
 
@@ -21,8 +45,15 @@ class Config:
     depth: int | None = 3  # fcn: number of Linear layers; cnn1d: convs + 1; fixed for vgg/resnet.
     width: int | None = 256  # fcn: hidden width; cnn1d/vgg/resnet: base channels (None = default).
     bias: bool = False  # biases and affine BatchNorm (AGD then uses its 1-D rules).
+    heads: int = 4  # transformer: attention heads.
+    context: int = 64  # transformer: tokens read per prediction (the model's context).
+    scan_layers: bool = False  # transformer: stacked blocks applied with nnx.scan.
+    tied: bool = False  # transformer: the output head is the token embedding transposed.
     dataset: str = "digits"
-    data_dir: str | None = None
+    data_dir: str | None = None  # For "text": a text file or a folder of them.
+    vocab: str = "bytes"  # Text: "bytes" (256 ids) or "compact" (the byte values that occur).
+    eval_windows: int | None = 1024  # Text: validation windows (evenly spaced); None = all.
+    samples: int = 3  # Text: generated samples written to the run folder.
     download: bool = False
     train_bs: int = 128
     test_bs: int = 512
@@ -59,6 +90,28 @@ class Config:
 
         check(self.arch in ARCHS, f"arch {self.arch!r} is not one of {ARCHS}")
         check(self.dataset in DATASETS, f"dataset {self.dataset!r} is not one of {DATASETS}")
+        lm, text = self.arch == "transformer", self.dataset in TEXT_DATASETS
+        check(
+            lm == text,
+            f"arch {self.arch!r} and dataset {self.dataset!r} do not fit: the transformer trains "
+            f"on the text datasets {TEXT_DATASETS}, the other archs on the image datasets",
+        )
+        if lm:
+            check(
+                self.depth is not None and self.depth >= 1 and self.width is not None,
+                f"the transformer needs depth >= 1 and a width, got {self.depth}, {self.width}",
+            )
+            check(self.heads >= 1, f"heads must be >= 1, got {self.heads}")
+            check(self.width % self.heads == 0, f"heads={self.heads} must divide {self.width=}")
+            check(self.context >= 1, f"context must be >= 1, got {self.context}")
+            check(self.loss == "xent", "the transformer is trained with loss 'xent'")
+            check(self.vocab in VOCABS, f"vocab {self.vocab!r} is not one of {VOCABS}")
+            check(
+                self.eval_windows is None or self.eval_windows >= 1,
+                f"eval_windows must be >= 1 or None, got {self.eval_windows}",
+            )
+            check(self.samples >= 0, f"samples must be >= 0, got {self.samples}")
+            check(not self.validation_split, "text datasets have their own validation split")
         check(self.loss in LOSSES, f"loss {self.loss!r} is not one of {LOSSES}")
         check(self.schedule in SCHEDULES, f"schedule {self.schedule!r} is not one of {SCHEDULES}")
         check(self.train_bs >= 1 and self.test_bs >= 1, "batch sizes must be >= 1")

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Iterator
 
 import jax
 import numpy as np
 
-from benchmarks.config import Config
+from benchmarks.config import TEXT_DATASETS, Config
 from benchmarks.data import Dataset, ImageNetData, augment_cifar, load_dataset
+from benchmarks.data.text import TextData, eval_windows, load_text, random_windows
 
 
-def load_data(config: Config) -> Dataset | ImageNetData:
+def load_data(config: Config) -> Dataset | ImageNetData | TextData:
+    if config.dataset in TEXT_DATASETS:
+        return load_text(config.dataset, config.data_dir, vocab=config.vocab)
     options = {}
     if config.dataset == "imagenet":
         options = dict(image_size=config.image_size, num_workers=config.num_workers)
@@ -44,16 +48,31 @@ def validation_split(data: Dataset, fraction: float) -> Dataset:
     )
 
 
+def num_train_examples(data: Dataset | ImageNetData | TextData, config: Config) -> int:
+    """Training examples per epoch: images, or for text the windows of ``context`` tokens that
+    tile the training tokens (an epoch of random windows reads each token once on average)."""
+    if isinstance(data, TextData):
+        return int(data.train.shape[0]) // config.context
+    return data.num_train
+
+
 def train_batches(
-    data: Dataset | ImageNetData, config: Config, epoch: int
+    data: Dataset | ImageNetData | TextData, config: Config, epoch: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """This process's part of each global training batch of ``epoch``: deterministic given
-    (seed, epoch), so a resumed run sees the same batches as an uninterrupted one."""
+    (seed, epoch), so a resumed run sees the same batches as an uninterrupted one. For text, a
+    batch is ``train_bs`` windows of ``context + 1`` tokens at random offsets, as (tokens,
+    next tokens)."""
     bs = config.train_bs
     n_proc, proc = jax.process_count(), jax.process_index()
     if bs % n_proc:
         raise ValueError(f"train_bs {bs} is not divisible by the {n_proc} processes")
     local = bs // n_proc
+    if isinstance(data, TextData):
+        for step in itertools.count():
+            rng = np.random.default_rng([config.seed, epoch, step])
+            w = random_windows(data.train, bs, config.context + 1, rng)[proc * local :][:local]
+            yield w[:, :-1], w[:, 1:]
     if isinstance(data, ImageNetData):  # Each process decodes only its own images.
         yield from data.train_loader(
             local, seed=config.seed, epoch=epoch, shard_index=proc, shard_count=n_proc
@@ -74,11 +93,20 @@ def train_batches(
 
 
 def eval_batches(
-    data: Dataset | ImageNetData, config: Config, multiple: int
+    data: Dataset | ImageNetData | TextData, config: Config, multiple: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Test batches padded to a multiple of the data-parallel size, with a mask of real examples."""
+    """Test batches padded to a multiple of the data-parallel size, with a mask of real examples.
+    For text: ``eval_windows`` windows of the validation tokens, evenly spaced."""
     if isinstance(data, ImageNetData):
         source = data.eval_loader(config.test_bs)
+    elif isinstance(data, TextData):
+        windows = eval_windows(data.valid, config.context + 1, config.eval_windows)
+        source = (
+            (w[:, :-1], w[:, 1:])
+            for w in (
+                windows[i : i + config.test_bs] for i in range(0, len(windows), config.test_bs)
+            )
+        )
     else:
         source = (
             (data.test_x[i : i + config.test_bs], data.test_y[i : i + config.test_bs])
@@ -91,7 +119,7 @@ def eval_batches(
         pad = size - n
         mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
         x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-        y = np.concatenate([y, np.zeros(pad, y.dtype)])
+        y = np.concatenate([y, np.zeros((pad, *y.shape[1:]), y.dtype)])
         local = size // n_proc
         sl = slice(proc * local, (proc + 1) * local)
         yield x[sl], y[sl], mask[sl]

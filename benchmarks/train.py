@@ -1,6 +1,8 @@
 """Train a network with AGD (or an optax baseline): ``python -m benchmarks.train [flags]``.
 
 With no flags: AGD, a bias-free 3-layer FCN, scikit-learn's digits (no download).
+``--arch transformer``: a byte-level language model, by default on the Python standard library's
+source (no download either), with the defaults of ``config.ARCH_DEFAULTS``.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import sys
 
 import jax
 
-from benchmarks.config import ARCHS, DATASETS, LOSSES, SCHEDULES, Config
+from benchmarks.config import ARCH_DEFAULTS, ARCHS, DATASETS, LOSSES, SCHEDULES, VOCABS, Config
 from benchmarks.optimizers import OPTIMIZERS
 
 
@@ -20,24 +22,49 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.train", description=__doc__.splitlines()[0]
     )
+    # Flags whose default depends on the arch (ARCH_DEFAULTS) are left out when not given.
+    auto = argparse.SUPPRESS
     p.add_argument("--arch", choices=ARCHS, default=d.arch)
     p.add_argument(
-        "--depth", type=int, default=d.depth, help="fcn: Linear layers; cnn1d: convs + 1"
+        "--depth",
+        type=int,
+        default=auto,
+        help=f"fcn: Linear layers; cnn1d: convs + 1; transformer: blocks (default {d.depth})",
     )
     p.add_argument(
-        "--width", type=int, default=d.width, help="fcn: hidden width; convnets: base channels"
+        "--width",
+        type=int,
+        default=auto,
+        help=f"fcn: hidden width; convnets: base channels; transformer: model width ({d.width})",
+    )
+    p.add_argument("--heads", type=int, default=d.heads, help="transformer: attention heads")
+    p.add_argument("--context", type=int, default=d.context, help="transformer: tokens of context")
+    p.add_argument(
+        "--scan-layers", action="store_true", help="transformer: stack the blocks (nnx.scan)"
+    )
+    p.add_argument(
+        "--tied", action="store_true", help="transformer: output head = token embedding^T"
     )
     p.add_argument(
         "--bias", action="store_true", help="biases and affine BatchNorm (AGD's 1-D rules)"
     )
-    p.add_argument("--dataset", choices=DATASETS, default=d.dataset)
-    p.add_argument("--data-dir", default=d.data_dir, help="folder holding the dataset files")
+    p.add_argument("--dataset", choices=DATASETS, default=auto, help=f"default {d.dataset}")
+    p.add_argument(
+        "--data-dir",
+        default=d.data_dir,
+        help="folder holding the dataset files; for 'text', a text file or a folder of them",
+    )
+    p.add_argument("--vocab", choices=VOCABS, default=d.vocab, help="text: token ids")
+    p.add_argument(
+        "--eval-windows", type=int, default=d.eval_windows, help="text: validation windows"
+    )
+    p.add_argument("--samples", type=int, default=d.samples, help="text: generated samples")
     p.add_argument(
         "--download", action="store_true", help="download MNIST/CIFAR (checksum-verified)"
     )
-    p.add_argument("--train-bs", type=int, default=d.train_bs)
-    p.add_argument("--test-bs", type=int, default=d.test_bs)
-    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--train-bs", type=int, default=auto, help=f"default {d.train_bs}")
+    p.add_argument("--test-bs", type=int, default=auto, help=f"default {d.test_bs}")
+    p.add_argument("--epochs", type=int, default=auto, help=f"default {d.epochs}")
     p.add_argument(
         "--loss", choices=LOSSES, default=d.loss, help="mse: one-hot * sqrt(classes) targets"
     )
@@ -68,7 +95,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
         "--num-workers", type=int, default=d.num_workers, help="ImageNet decoding processes"
     )
     p.add_argument("--image-size", type=int, default=d.image_size, help="ImageNet crop size")
-    p.add_argument("--max-steps-per-epoch", type=int, default=d.max_steps_per_epoch)
+    p.add_argument(
+        "--max-steps-per-epoch", type=int, default=auto, help="cut epochs short (0: no cap)"
+    )
     p.add_argument("--validation-split", type=float, default=d.validation_split)
     p.add_argument(
         "--shard-params", action="store_true", help="FSDP: split params and state over devices"
@@ -88,7 +117,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--num-processes", type=int, default=d.num_processes)
     p.add_argument("--process-id", type=int, default=d.process_id)
     args = p.parse_args(argv)
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
+    defaults = ARCH_DEFAULTS.get(args.arch, {})
+    values = {
+        f.name: getattr(args, f.name, defaults.get(f.name, getattr(d, f.name)))
+        for f in dataclasses.fields(Config)
+    }
     try:
         return Config(**values).validate()
     except ValueError as e:

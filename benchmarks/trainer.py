@@ -15,6 +15,7 @@ from benchmarks import parallel
 from benchmarks.config import Config
 from benchmarks.input_pipeline import eval_batches
 from benchmarks.models import make_model
+from benchmarks.models.transformer import make_transformer
 from benchmarks.optimizers import is_schedule_free, make_optimizer
 
 # Losses.
@@ -39,7 +40,20 @@ def per_example_loss(kind: str, logits: jax.Array, labels: jax.Array) -> jax.Arr
 
 def build_model(config: Config, data) -> nnx.Module:
     """The model of ``config``; AGD runs start from AGD's scaled orthogonal initialisation,
-    baselines from Flax's usual initialisers."""
+    baselines from Flax's usual initialisers (the transformer: GPT-2's)."""
+    if config.arch == "transformer":
+        return make_transformer(
+            data.vocab_size,
+            context=config.context,
+            depth=config.depth,
+            width=config.width,
+            heads=config.heads,
+            bias=config.bias,
+            tied=config.tied,
+            scan_layers=config.scan_layers,
+            init="agd" if config.optimizer == "agd" else "gpt2",
+            rngs=nnx.Rngs(config.seed),
+        )
     model = make_model(
         config.arch,
         num_classes=data.num_classes,
@@ -56,9 +70,20 @@ def build_model(config: Config, data) -> nnx.Module:
     return model
 
 
+def agd_roles(config: Config, model: nnx.Module) -> Any:
+    """AGD's roles for ``model``: read off its forward pass for the transformer (stacked blocks
+    included), off its module types otherwise."""
+    if config.arch == "transformer":
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        tokens = jnp.zeros((1, config.context), jnp.int32)
+        forward = lambda p, r, x: nnx.merge(graphdef, p, r)(x)  # noqa: E731
+        return agd_optax.trace_roles(forward, params, rest, tokens)
+    return agd_optax.nnx_roles(model)
+
+
 def make_tx(config: Config, model: nnx.Module, total_steps: int, steps_per_epoch: int):
     if config.optimizer == "agd":
-        return agd_optax.agd(config.gain, roles=agd_optax.nnx_roles(model))
+        return agd_optax.agd(config.gain, roles=agd_roles(config, model))
     return make_optimizer(config, total_steps, steps_per_epoch)
 
 
@@ -159,6 +184,9 @@ class Trainer:
         logits = self._forward(model, x)
         losses = per_example_loss(self.config.loss, logits, y)
         correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+        if losses.ndim > 1:  # A sequence per example: its mean over positions.
+            losses = losses.reshape(losses.shape[0], -1).mean(axis=1)
+            correct = correct.reshape(correct.shape[0], -1).mean(axis=1)
         return {
             "loss": jnp.sum(losses * mask),
             "correct": jnp.sum(correct * mask),
@@ -178,6 +206,11 @@ class Trainer:
             totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
         count = float(totals["count"])
         return {"loss": float(totals["loss"]) / count, "accuracy": float(totals["correct"]) / count}
+
+    def model(self) -> nnx.Module:
+        """The trained model, in eval mode."""
+        model, _ = nnx.merge(self.graphdef_eval, self.state)
+        return model
 
     def params(self) -> Any:
         model, _ = nnx.merge(self.graphdef_train, self.state)

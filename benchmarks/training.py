@@ -14,11 +14,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from benchmarks import parallel
+from benchmarks import lm, parallel
 from benchmarks import workdir as run_folder
 from benchmarks.checkpointing import checkpoint_manager, restore_checkpoint, save_checkpoint
 from benchmarks.config import Config
-from benchmarks.input_pipeline import load_data, train_batches
+from benchmarks.data.text import TextData
+from benchmarks.input_pipeline import load_data, num_train_examples, train_batches
 from benchmarks.reporting import plot_curves
 from benchmarks.trainer import Trainer, build_model, make_tx
 
@@ -54,10 +55,11 @@ def train_and_evaluate(config: Config, workdir: str | None = None, mesh=None) ->
         raise ValueError(
             f"train_bs {config.train_bs} is not divisible by the {n_data} data-parallel devices"
         )
-    steps_per_epoch = data.num_train // config.train_bs
+    num_train = num_train_examples(data, config)
+    steps_per_epoch = num_train // config.train_bs
     if steps_per_epoch == 0:
         raise ValueError(
-            f"train_bs {config.train_bs} is larger than the {data.num_train} training examples"
+            f"train_bs {config.train_bs} is larger than the {num_train} training examples"
         )
     if config.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
@@ -118,9 +120,10 @@ def train_and_evaluate(config: Config, workdir: str | None = None, mesh=None) ->
         rows.append(row)
         if is_main:
             run_folder.write_metrics(workdir, rows)
+            test_name = "valid" if isinstance(data, TextData) else "test"
             print(
                 f"epoch {epoch:3d}  train loss {row['train_loss']:.4f}  acc {row['train_accuracy']:.4f}  "
-                f"test loss {row['test_loss']:.4f}  acc {row['test_accuracy']:.4f}"
+                f"{test_name} loss {row['test_loss']:.4f}  acc {row['test_accuracy']:.4f}"
                 + (f"  eta {row['eta']:.4f}" if "eta" in row else ""),
                 flush=True,
             )
@@ -135,6 +138,10 @@ def train_and_evaluate(config: Config, workdir: str | None = None, mesh=None) ->
         num_devices=n_data,
         steps_per_epoch=steps_per_epoch,
     )
+    if isinstance(data, TextData):
+        final.update(lm.lm_summary(data, config, final))
+        if is_main and config.samples and jax.process_count() == 1:
+            lm.write_samples(lm.samples_path(workdir), trainer.model(), data, config)
     if is_main and rows:
         title = f"{config.optimizer} {config.arch} {config.dataset}"
         plot_curves(os.path.join(workdir, run_folder.PLOT_FILE), rows, title)
@@ -145,6 +152,15 @@ def train_and_evaluate(config: Config, workdir: str | None = None, mesh=None) ->
 
 
 def summary_line(config: Config, final: dict[str, Any]) -> str:
+    if "tokens_per_second" in final:
+        tps = final["tokens_per_second"]
+        return (
+            f"{config.optimizer} {config.arch} {config.dataset}: validation loss "
+            f"{final['test_loss']:.4f} nats/byte, {final['epoch']} epochs of "
+            f"{final['steps_per_epoch']} steps, {final['wall_time_s']:.1f} s, "
+            + (f"{tps:.0f} tokens/s" if tps else "tokens/s n/a")
+            + f" on {final['num_devices']} device(s)"
+        )
     ips = final.get("images_per_second")
     return (
         f"{config.optimizer} {config.arch} {config.dataset}: test accuracy {final['test_accuracy']:.4f}, "

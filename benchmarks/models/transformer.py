@@ -164,6 +164,21 @@ class Transformer(nnx.Module):
         return self.token_embed.attend(x) if self.tied else self.head(x)
 
 
+def make_transformer(vocab_size: int, *, scan_layers: bool = False, **kwargs: Any) -> Transformer:
+    """A :class:`Transformer` whose initial weights do not depend on ``scan_layers``: the blocks
+    are initialised one by one and, for ``scan_layers=True``, stacked. So the two layouts of a
+    seed start from, and train to, the same numbers. Takes :class:`Transformer`'s arguments."""
+    model = Transformer(vocab_size, scan_layers=False, **kwargs)
+    if not scan_layers:
+        return model
+    kwargs = {k: v for k, v in kwargs.items() if k != "rngs"}
+    scanned = nnx.eval_shape(
+        lambda: Transformer(vocab_size, scan_layers=True, rngs=nnx.Rngs(0), **kwargs)
+    )
+    load_params(scanned, stack_blocks(nnx.state(model, nnx.Param), model.depth))
+    return scanned
+
+
 # --------------------------------------------------------------------------------------------------
 # Moving parameters between the stacked and unstacked layouts.
 
@@ -216,7 +231,7 @@ def load_params(model: nnx.Module, flat: dict[tuple[str, ...], jax.Array]) -> No
                 f"parameter '{'/'.join(key)}' has shape {tuple(var.shape)} in the model but "
                 f"{tuple(flat[key].shape)} in the given parameters"
             )
-        var[...] = flat[key]
+        var.set_value(flat[key])
 
 
 # --------------------------------------------------------------------------------------------------
