@@ -203,8 +203,9 @@ def test_huge_gradients_on_parameter_shards_inside_shard_map():
     "gain", [0.0, -1.0, 0, math.nan, math.inf, -math.inf, np.float32(0.0), np.asarray(-2.0)]
 )
 def test_gain_must_be_finite_and_positive(gain):
-    with pytest.raises(ValueError, match="gain must be a finite number above 0"):
-        agd_optax.agd(gain)
+    for factory in (agd_optax.agd, agd_optax.agd_momentum):
+        with pytest.raises(ValueError, match="gain must be a finite number above 0"):
+            factory(gain)
 
 
 @pytest.mark.parametrize("gain", ["1.0", True, None, np.ones(2), 1j])
