@@ -19,6 +19,7 @@ from benchmarks.data import (
     CIFAR_SPECS,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    CorruptImageError,
     Dataset,
     ImageNetData,
     augment_cifar,
@@ -499,13 +500,85 @@ def test_imagenet_errors(tmp_path):
         load_dataset("imagenet", tmp_path, image_size=32, resize_size=16)
 
 
-def test_imagenet_worker_processes(imagenet_root):
-    # Two spawned grain workers (each batching its own slice): the pipeline must pickle, and
-    # every training image must come out exactly once. Workers start in several seconds.
-    data = load_dataset("imagenet", imagenet_root, image_size=16, num_workers=2)
-    batches = [(np.array(x), np.array(y)) for x, y in data.train_loader(2, drop_remainder=False)]
-    assert sorted(np.concatenate([y for _, y in batches]).tolist()) == [0, 0, 0, 1, 1]
-    assert all(x.shape[1:] == (16, 16, 3) and x.dtype == np.float32 for x, _ in batches)
+def write_numbered_imagenet(root: Path, n_train: int) -> None:
+    """n_train training images of 3 classes, image i a solid colour whose red is 10 * i (so
+    any crop of it tells which image it is), and one validation image per class."""
+    for i in range(n_train):
+        write_jpeg(
+            root / "train" / f"n{i % 3}" / f"{i}.JPEG", (30 + i, 40), color=(10 * i, 90, 160)
+        )
+    for c in range(3):
+        write_jpeg(root / "val" / f"n{c}" / f"v{c}.JPEG", (40, 40), color=(10 * c, 90, 160))
+
+
+def image_numbers(x: np.ndarray) -> list[int]:
+    red = np.asarray(x)[..., 0].mean(axis=(1, 2)) * IMAGENET_STD[0] + IMAGENET_MEAN[0]
+    return np.round(red * 255 / 10).astype(int).tolist()
+
+
+def test_imagenet_every_image_once_whatever_the_workers(tmp_path):
+    """Batches are cut before the workers share them: with two spawned workers, an epoch of 24
+    images in batches of 5 uses 20 distinct images, the same batches as without workers (each
+    worker used to batch its own slice and drop its own remainder). Workers start in seconds."""
+    write_numbered_imagenet(tmp_path, 24)
+    epochs = {}
+    for workers in (0, 2):
+        data = load_dataset("imagenet", tmp_path, image_size=16, num_workers=workers)
+        epochs[workers] = [(np.array(x), np.array(y)) for x, y in data.train_loader(5, seed=1)]
+    batches = epochs[2]
+    assert [x.shape for x, _ in batches] == [(5, 16, 16, 3)] * 4
+    used = [n for x, _ in batches for n in image_numbers(x)]
+    assert len(set(used)) == 20 and set(used) <= set(range(24))
+    for x, y in batches:
+        assert [n % 3 for n in image_numbers(x)] == y.tolist()
+    for (x0, y0), (x2, y2) in zip(epochs[0], batches, strict=True):
+        np.testing.assert_array_equal(x0, x2)
+        np.testing.assert_array_equal(y0, y2)
+
+
+def test_imagenet_last_partial_batch_without_workers(tmp_path):
+    write_numbered_imagenet(tmp_path, 12)
+    data = load_dataset("imagenet", tmp_path, image_size=8, num_workers=0)
+    batches = list(data.train_loader(5, drop_remainder=False))
+    assert [len(y) for _, y in batches] == [5, 5, 2]
+    assert sorted(n for x, _ in batches for n in image_numbers(x)) == list(range(12))
+    assert [image_numbers(x) for x, _ in data.eval_loader(2)] == [[0, 1], [2]]
+
+
+def test_imagenet_empty_class_folders_are_refused(imagenet_root):
+    root = imagenet_root / "imagenet"
+    (root / "train" / "n03").mkdir()
+    (root / "val" / "n02" / "v1.JPEG").unlink()
+    (root / "val" / "n02" / "v2.jpg").unlink()
+    with pytest.raises(ValueError, match="without images") as err:
+        load_dataset("imagenet", imagenet_root)
+    assert "train/n03, val/n02" in str(err.value) and str(root) in str(err.value)
+
+
+def test_imagenet_stray_entries_are_refused_and_hidden_ones_ignored(imagenet_root):
+    root = imagenet_root / "imagenet"
+    (root / "train" / ".cache").mkdir()  # Hidden: neither a class nor a stray.
+    (root / "train" / "n01" / ".DS_Store").write_bytes(b"x")
+    assert load_dataset("imagenet", imagenet_root).classes == ("n01", "n02")
+    (root / "train" / "n01" / "notes.txt").write_text("x")
+    (root / "train" / "n02" / "more").mkdir()
+    (root / "train" / "labels.csv").write_text("x")
+    (root / "val" / "ground_truth.txt").write_text("x")
+    with pytest.raises(ValueError, match="neither images") as err:
+        load_dataset("imagenet", imagenet_root)
+    for stray in ("train/labels.csv", "train/n01/notes.txt", "train/n02/more/", "val/ground_truth"):
+        assert stray in str(err.value)
+    assert "without images" not in str(err.value)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_imagenet_corrupt_image_is_named(imagenet_root, damage):
+    bad = imagenet_root / "imagenet" / "val" / "n02" / "v1.JPEG"
+    data = bad.read_bytes()
+    bad.write_bytes(b"not an image" if damage == "garbage" else data[: len(data) // 2])
+    data = load_dataset("imagenet", imagenet_root, image_size=16, num_workers=0)
+    with pytest.raises(CorruptImageError, match=f"cannot decode image {bad}"):
+        list(data.eval_loader(2))
 
 
 def test_load_dataset_errors():

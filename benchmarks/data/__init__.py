@@ -21,6 +21,7 @@ from benchmarks.data.download import download_file
 from benchmarks.data.imagenet import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    CorruptImageError,
     ImageNetData,
     load_imagenet,
 )
@@ -29,6 +30,7 @@ from benchmarks.data.small import load_digits, load_mnist1d
 
 __all__ = [
     "CIFAR_SPECS",
+    "CorruptImageError",
     "DATASETS",
     "DEFAULT_DATA_DIR",
     "Dataset",

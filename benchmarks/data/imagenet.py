@@ -9,6 +9,11 @@ Images are decoded with PIL inside grain's pipeline (in worker processes when
 ``num_workers > 0``). Training: random-resized crop (scale 0.08-1, ratio 3/4-4/3) plus
 horizontal flip; evaluation: resize the shorter side then center crop. Both normalise
 with the ImageNet mean/std and yield ``(images float32 NHWC, labels int32)``.
+
+The scan refuses, listing them, class folders without images (each would be an output class
+that never appears) and entries that are neither images in a class folder nor class folders;
+names starting with "." are ignored. An image that cannot be decoded raises
+``CorruptImageError`` naming its path when its batch is read.
 """
 
 from __future__ import annotations
@@ -45,11 +50,20 @@ class _FileSource:
         return os.path.join(self.root, rel), int(self.labels[index])
 
 
+class CorruptImageError(ValueError):
+    """An image file that PIL cannot decode; the message names its path."""
+
+
 def _open_rgb(path: str):
     from PIL import Image
 
-    with Image.open(path) as img:
-        return img.convert("RGB")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
+        raise CorruptImageError(
+            f"cannot decode image {path}: {type(e).__name__}: {e} (replace or delete the file)"
+        ) from e
 
 
 def _to_normalized_array(img) -> np.ndarray:
@@ -151,21 +165,61 @@ def _derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
-def _scan_split(split_dir: Path, class_index: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+def _visible(folder: Path) -> list[os.DirEntry]:
+    """The entries of ``folder`` whose names do not start with "." (hidden files are ignored)."""
+    with os.scandir(folder) as it:
+        return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+
+
+def _is_image(entry: os.DirEntry) -> bool:
+    return entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _scan_split(split_dir: Path, class_index: dict[str, int], problems: dict[str, list[str]]):
+    """(relative paths, labels) of a split's images; empty class folders and entries that are
+    not images are added to ``problems`` rather than skipped."""
     relpaths, labels = [], []
+    split = split_dir.name
+    for e in _visible(split_dir):
+        if not e.is_dir():
+            problems["stray"].append(f"{split}/{e.name}")
     for wnid, label in class_index.items():
         class_dir = split_dir / wnid
         if not class_dir.is_dir():
             continue
-        with os.scandir(class_dir) as it:
-            names = sorted(
-                e.name
-                for e in it
-                if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
-            )
-        relpaths.extend(f"{split_dir.name}/{wnid}/{n}".encode() for n in names)
+        entries = _visible(class_dir)
+        names = [e.name for e in entries if _is_image(e)]
+        problems["stray"].extend(
+            f"{split}/{wnid}/{e.name}{'/' if e.is_dir() else ''}"
+            for e in entries
+            if not _is_image(e)
+        )
+        if not names:
+            problems["empty"].append(f"{split}/{wnid}")
+        relpaths.extend(f"{split}/{wnid}/{n}".encode() for n in names)
         labels.extend([label] * len(names))
     return np.array(relpaths, dtype=np.bytes_), np.array(labels, dtype=np.int32)
+
+
+def _raise_problems(root: Path, problems: dict[str, list[str]]) -> None:
+    def listed(items: list[str]) -> str:
+        more = f" and {len(items) - 8} more" if len(items) > 8 else ""
+        return ", ".join(items[:8]) + more
+
+    lines = []
+    if problems["empty"]:
+        lines.append(
+            "class folders without images (each would add an output class that never "
+            f"appears; delete them): {listed(problems['empty'])}"
+        )
+    if problems["stray"]:
+        lines.append(
+            f"entries that are neither images ({'/'.join(IMAGE_EXTENSIONS)}) in a class folder "
+            "nor class folders (move or delete them; names starting with '.' are ignored): "
+            f"{listed(problems['stray'])}"
+        )
+    if lines:
+        raise ValueError(f"ImageNet folder {root}:\n  " + "\n  ".join(lines))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -214,10 +268,15 @@ class ImageNetData:
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        # Batches are cut from the whole epoch before workers take their share (whole batches,
+        # round robin): every image is in exactly one batch, only the epoch's last partial batch
+        # is dropped, and the batches and their order do not depend on num_workers. Each
+        # decoding thread then works on one batch.
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
         read = grain.ReadOptions(
-            num_threads=self.num_threads, prefetch_buffer_size=max(2 * batch_size, 16)
+            num_threads=self.num_threads, prefetch_buffer_size=max(self.num_threads, 2)
         )
-        it = ds.to_iter_dataset(read).batch(batch_size, drop_remainder=drop_remainder)
+        it = ds.to_iter_dataset(read)
         if self.num_workers > 0:
             _ensure_absl_flags_parsed()
             it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers))
@@ -235,9 +294,10 @@ class ImageNetData:
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """A generator over one epoch of shuffled, augmented training batches.
 
-        Order and augmentations are deterministic given ``(seed, epoch)`` and
-        ``num_workers`` (each worker batches its own slice of the shuffled data). Worker
-        processes stop when the generator is exhausted or closed. With ``shard_count > 1``
+        Batches, order and augmentations are deterministic given ``(seed, epoch)``, whatever
+        ``num_workers``; every image is in one batch of the epoch (with ``drop_remainder``, but
+        the last ``len % batch_size``). Worker processes stop when the generator is exhausted
+        or closed. With ``shard_count > 1``
         (one shard per process of a multi-host run) this process reads and decodes only every
         ``shard_count``-th image of the shuffled order, from ``shard_index``; ``batch_size`` is
         then the per-process batch.
@@ -261,8 +321,7 @@ class ImageNetData:
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """A generator over the validation batches (resize + center crop, no randomness).
 
-        In file order with ``num_workers=0``; with workers, batches interleave the
-        workers' slices (deterministically).
+        In file order, whatever ``num_workers``; the last batch may be partial.
         """
         import grain
 
@@ -308,10 +367,10 @@ def load_imagenet(
         raise ValueError("num_workers and num_threads must be >= 0")
     root = find_imagenet_root(data_dir)
     train_dir, val_dir = root / "train", root / "val"
-    classes = tuple(sorted(e.name for e in os.scandir(train_dir) if e.is_dir()))
+    classes = tuple(e.name for e in _visible(train_dir) if e.is_dir())
     if not classes:
         raise ValueError(f"no class folders in {train_dir}: expected train/<wnid>/*.JPEG")
-    val_entries = list(os.scandir(val_dir))
+    val_entries = _visible(val_dir)
     val_classes = {e.name for e in val_entries if e.is_dir()}
     if not val_classes and any(e.is_file() for e in val_entries):
         raise ValueError(
@@ -322,8 +381,10 @@ def load_imagenet(
     if unknown:
         raise ValueError(f"{val_dir} has classes not in {train_dir}: {unknown[:5]}")
     class_index = {wnid: i for i, wnid in enumerate(classes)}
-    train_paths, train_labels = _scan_split(train_dir, class_index)
-    val_paths, val_labels = _scan_split(val_dir, class_index)
+    problems: dict[str, list[str]] = {"empty": [], "stray": []}
+    train_paths, train_labels = _scan_split(train_dir, class_index, problems)
+    val_paths, val_labels = _scan_split(val_dir, class_index, problems)
+    _raise_problems(root, problems)
     if len(train_labels) == 0:
         raise ValueError(f"no images (*.JPEG/*.jpg/*.png) found under {train_dir}/<wnid>/")
     if len(val_labels) == 0:
