@@ -1,4 +1,8 @@
-"""The training program's configuration: one dataclass, saved as JSON with every run."""
+"""The training program's configuration: one dataclass, saved as JSON with every run.
+
+The names it accepts come from the registries: ``benchmarks.models.ARCHITECTURES``,
+``benchmarks.data.DATASETS`` and ``benchmarks.optimizers.OPTIMIZERS``.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +11,12 @@ import json
 import os
 from typing import Any
 
-ARCHS = (
-    "fcn",
-    "cnn1d",
-    "vgg",
-    "vgg16",
-    "resnet18",
-    "preact_resnet18",
-    "resnet50",
-    "transformer",
-)
-TEXT_DATASETS = ("pystdlib", "text")  # Byte-level corpora, for the transformer.
-DATASETS = ("digits", "mnist1d", "mnist", "cifar10", "cifar100", "imagenet", *TEXT_DATASETS)
-VOCABS = ("bytes", "compact")
+from benchmarks.data import DATASETS
+from benchmarks.data.text import VOCABS
+from benchmarks.models import ALIASES, ARCHITECTURES
+from benchmarks.optimizers import OPTIMIZERS, SCHEDULES, resolve_options
+
+ARCHS = (*ARCHITECTURES, *ALIASES)
 # What the transformer changes in the defaults (a small byte-level LM that trains in minutes on a
 # CPU); flags given on the command line win.
 ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -34,7 +31,6 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
     ),
 }
 LOSSES = ("mse", "xent")
-SCHEDULES = ("constant", "cosine", "warmup_cosine")
 
 
 @dataclasses.dataclass
@@ -60,6 +56,7 @@ class Config:
     epochs: int = 40
     loss: str = "xent"
     optimizer: str = "agd"
+    optimizer_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # Its own options.
     gain: float = 1.0  # AGD only.
     lr: float | None = None  # baselines: peak learning rate (None = the optimizer's usual default).
     weight_decay: float = 0.0
@@ -67,7 +64,9 @@ class Config:
     schedule: str = "constant"  # baselines' learning-rate schedule.
     warmup_epochs: float = 0.0
     augment: bool = True  # CIFAR: random crop with padding and flip.
-    seed: int = 0
+    official_normalization: bool = False  # CIFAR: the official AGD code's mean/std values.
+    seed: int = 0  # Initialisation, batch order and augmentation.
+    data_seed: int | None = None  # The split of digits, the draw of MNIST-1D; None: standard.
     workdir: str | None = None
     resume: bool = False
     checkpoint: bool = True  # orbax checkpoint after every epoch (needs workdir).
@@ -89,14 +88,21 @@ class Config:
                 raise ValueError(f"invalid config: {message}")
 
         check(self.arch in ARCHS, f"arch {self.arch!r} is not one of {ARCHS}")
-        check(self.dataset in DATASETS, f"dataset {self.dataset!r} is not one of {DATASETS}")
-        lm, text = self.arch == "transformer", self.dataset in TEXT_DATASETS
         check(
-            lm == text,
-            f"arch {self.arch!r} and dataset {self.dataset!r} do not fit: the transformer trains "
-            f"on the text datasets {TEXT_DATASETS}, the other archs on the image datasets",
+            self.dataset in DATASETS,
+            f"dataset {self.dataset!r} is not one of {tuple(DATASETS)}",
         )
-        if lm:
+        check(
+            self.data_seed is None or DATASETS[self.dataset].seeded,
+            f"dataset {self.dataset!r} has a fixed train/test split; data_seed does not apply",
+        )
+        task = ARCHITECTURES[ALIASES.get(self.arch, self.arch)].task
+        check(
+            task == DATASETS[self.dataset].task,
+            f"arch {self.arch!r} and dataset {self.dataset!r} do not fit: {self.arch!r} is for "
+            f"{task}, dataset {self.dataset!r} for {DATASETS[self.dataset].task}",
+        )
+        if task == "language":
             check(
                 self.depth is not None and self.depth >= 1 and self.width is not None,
                 f"the transformer needs depth >= 1 and a width, got {self.depth}, {self.width}",
@@ -124,12 +130,14 @@ class Config:
             self.compute_dtype in (None, "float32", "bfloat16", "float16"),
             f"compute_dtype {self.compute_dtype!r} is not float32, bfloat16 or float16",
         )
-        from benchmarks.optimizers import OPTIMIZERS
-
         check(
             self.optimizer in OPTIMIZERS,
             f"optimizer {self.optimizer!r} is not one of {tuple(OPTIMIZERS)}",
         )
+        try:  # Fill in the defaults of the optimizer's own options, so config.json has them all.
+            self.optimizer_options = resolve_options(self.optimizer, self.optimizer_options)
+        except ValueError as e:
+            check(False, str(e))
         return self
 
     def to_json(self) -> str:

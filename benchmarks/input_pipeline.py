@@ -9,19 +9,22 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 
-from benchmarks.config import TEXT_DATASETS, Config
-from benchmarks.data import Dataset, ImageNetData, augment_cifar, load_dataset
-from benchmarks.data.text import TextData, eval_windows, load_text, random_windows
+from benchmarks.config import Config
+from benchmarks.data import DATASETS, Dataset, ImageNetData, load_dataset
+from benchmarks.data.text import TextData, eval_windows, random_windows
 
 
 def load_data(config: Config) -> Dataset | ImageNetData | TextData:
-    if config.dataset in TEXT_DATASETS:
-        return load_text(config.dataset, config.data_dir, vocab=config.vocab)
-    options = {}
-    if config.dataset == "imagenet":
-        options = dict(image_size=config.image_size, num_workers=config.num_workers)
+    """The dataset of ``config`` (``data.DATASETS``), given the Config fields named in its
+    ``options``, split by ``config.data_seed``, with a validation split if configured."""
+    fields = {f.name for f in dataclasses.fields(config)}
+    options = {k: getattr(config, k) for k in DATASETS[config.dataset].options if k in fields}
     data = load_dataset(
-        config.dataset, config.data_dir, download=config.download, seed=config.seed, **options
+        config.dataset,
+        config.data_dir,
+        download=config.download,
+        seed=config.data_seed,
+        **options,
     )
     if config.validation_split:
         if not isinstance(data, Dataset):
@@ -80,12 +83,12 @@ def train_batches(
         return
     order = np.random.default_rng([config.seed, epoch]).permutation(data.num_train)
     augment_rng = np.random.default_rng([config.seed, epoch, 1])
-    cifar = config.dataset in ("cifar10", "cifar100") and config.augment
+    augment = DATASETS[config.dataset].augment if config.augment else None
     for start in range(0, data.num_train - bs + 1, bs):
         idx = order[start : start + bs]
         x = data.train_x[idx]
-        if cifar:  # Augment the whole global batch so every process count gives the same result.
-            x = augment_cifar(augment_rng, x)
+        if augment:  # The whole global batch, so every process count gives the same result.
+            x = augment(augment_rng, x)
         yield (
             x[proc * local : (proc + 1) * local],
             data.train_y[idx][proc * local : (proc + 1) * local],

@@ -1,117 +1,204 @@
-"""One registry: optimizer name -> optax transformation, for AGD and every baseline."""
+"""The optimizers the programs know: one table, ``OPTIMIZERS``, name -> ``Optimizer``.
+
+Adding an optimizer is one entry below: how to build it from the run's ``Hyper`` (learning rate,
+weight decay, its own options, the model), its usual learning rate, its own command-line options,
+the state scalars to log every step, and the rows it gets in the comparison's tables. The training
+program (``--optimizer``, its ``--help``), ``Config.validate`` and the comparison read this table.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import optax
 
 import agd_optax
-from benchmarks.config import Config
-
-# The usual default peak learning rate of each baseline (used when --lr is not given).
-DEFAULT_LR = {
-    "sgd": 0.1,
-    "adam": 1e-3,
-    "adamw": 1e-3,
-    "nadamw": 1e-3,
-    "prodigy": 1.0,
-    "dog": 1.0,
-    "dadapt_adamw": 1.0,
-    "cocob": 1.0,
-    "schedule_free_adamw": 2.5e-3,
-    "mechanize": 1e-3,
-}
-# Learning-rate-free optimizers: run at their defaults, their "learning rate" is a multiplier.
-LR_FREE = ("agd", "prodigy", "dog", "dadapt_adamw", "cocob", "schedule_free_adamw", "mechanize")
 
 
-def learning_rate(config: Config, total_steps: int, steps_per_epoch: int) -> optax.ScalarOrSchedule:
-    """The baselines' learning rate: constant, cosine, or linear warmup then cosine."""
-    peak = DEFAULT_LR[config.optimizer] if config.lr is None else config.lr
-    if config.schedule == "constant":
-        return peak
-    warmup = int(config.warmup_epochs * steps_per_epoch)
-    if config.schedule == "cosine" or warmup == 0:
-        return optax.cosine_decay_schedule(peak, max(total_steps, 1))
-    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1))
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """A setting of one optimizer, offered as ``--<name with dashes>`` by the training program and
+    kept in ``Config.optimizer_options``."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
 
 
-def _agd(config: Config, lr) -> optax.GradientTransformation:
-    del lr
-    return agd_optax.agd(config.gain)
+@dataclasses.dataclass(frozen=True)
+class Hyper:
+    """What a factory gets: the run's settings, and the model's leaf roles (for AGD)."""
+
+    lr: optax.ScalarOrSchedule | None  # None for optimizers without a learning rate.
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    gain: float = 1.0
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # Defaults filled in.
+    # AGD's leaf roles of the model, computed when called; None: inferred from parameter names.
+    roles: Callable[[], Any] | None = None
 
 
-def _sgd(config: Config, lr) -> optax.GradientTransformation:
-    tx = optax.sgd(lr, momentum=config.momentum or None)
-    if config.weight_decay:
-        tx = optax.chain(optax.add_decayed_weights(config.weight_decay), tx)
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One row of the comparison's tables (``benchmarks.compare``)."""
+
+    label: str
+    description: str
+    gain: float = 1.0
+    grid: tuple[float, ...] = ()  # Learning rates tuned over; empty: run at its defaults.
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+    """One optimizer: its factory and everything the programs need to know about it."""
+
+    build: Callable[[Hyper], optax.GradientTransformation]
+    description: str
+    default_lr: float | None = None  # Peak learning rate without --lr; None: takes none.
+    agd_init: bool = False  # Start from AGD's scaled orthogonal initialisation.
+    logged: tuple[str, ...] = ()  # State fields (optax.tree.get names) logged every step.
+    options: tuple[Option, ...] = ()
+    compare: tuple[Row, ...] = ()
+    # Schedule-free: (opt_state, params) -> the parameters to evaluate.
+    eval_params: Callable[[Any, Any], Any] | None = None
+
+    @property
+    def takes_lr(self) -> bool:
+        return self.default_lr is not None
+
+
+def _roles(hyper: Hyper):
+    return None if hyper.roles is None else hyper.roles()
+
+
+def _sgd(h: Hyper) -> optax.GradientTransformation:
+    tx = optax.sgd(h.lr, momentum=h.momentum or None)
+    if h.weight_decay:
+        tx = optax.chain(optax.add_decayed_weights(h.weight_decay), tx)
     return tx
 
 
-def _adam(config: Config, lr) -> optax.GradientTransformation:
-    return optax.adam(lr)
+SGD_GRID = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+ADAM_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+contrib = optax.contrib
 
-
-def _adamw(config: Config, lr) -> optax.GradientTransformation:
-    return optax.adamw(lr, weight_decay=config.weight_decay)
-
-
-def _nadamw(config: Config, lr) -> optax.GradientTransformation:
-    return optax.nadamw(lr, weight_decay=config.weight_decay)
-
-
-def _prodigy(config: Config, lr) -> optax.GradientTransformation:
-    return optax.contrib.prodigy(lr, weight_decay=config.weight_decay)
-
-
-def _dog(config: Config, lr) -> optax.GradientTransformation:
-    return optax.contrib.dog(lr, weight_decay=config.weight_decay or None)
-
-
-def _dadapt_adamw(config: Config, lr) -> optax.GradientTransformation:
-    return optax.contrib.dadapt_adamw(lr, weight_decay=config.weight_decay)
-
-
-def _cocob(config: Config, lr) -> optax.GradientTransformation:
-    return optax.contrib.cocob(lr, weight_decay=config.weight_decay)
-
-
-def _schedule_free_adamw(config: Config, lr) -> optax.GradientTransformation:
-    return optax.contrib.schedule_free_adamw(lr, weight_decay=config.weight_decay)
-
-
-def _mechanize(config: Config, lr) -> optax.GradientTransformation:
-    return optax.contrib.mechanize(optax.adam(lr), weight_decay=config.weight_decay)
-
-
-OPTIMIZERS: dict[str, Callable[[Config, optax.ScalarOrSchedule], optax.GradientTransformation]] = {
-    "agd": _agd,
-    "sgd": _sgd,
-    "adam": _adam,
-    "adamw": _adamw,
-    "nadamw": _nadamw,
-    "prodigy": _prodigy,
-    "dog": _dog,
-    "dadapt_adamw": _dadapt_adamw,
-    "cocob": _cocob,
-    "schedule_free_adamw": _schedule_free_adamw,
-    "mechanize": _mechanize,
+OPTIMIZERS: dict[str, Optimizer] = {
+    "agd": Optimizer(
+        lambda h: agd_optax.agd(h.gain, roles=_roles(h)),
+        "Automatic Gradient Descent (--gain; no learning rate)",
+        agd_init=True,
+        logged=("eta",),
+        compare=(
+            Row("agd", "AGD, gain 1 (the published algorithm, no setting)"),
+            Row("agd_gain10", "AGD, gain 10", gain=10.0),
+        ),
+    ),
+    "sgd": Optimizer(
+        _sgd,
+        "SGD (--momentum, --weight-decay)",
+        default_lr=0.1,
+        compare=(Row("sgd_momentum", "SGD, momentum 0.9, tuned lr", grid=SGD_GRID),),
+    ),
+    "adam": Optimizer(
+        lambda h: optax.adam(h.lr),
+        "Adam",
+        default_lr=1e-3,
+        compare=(Row("adam", "Adam, tuned lr", grid=ADAM_GRID),),
+    ),
+    "adamw": Optimizer(
+        lambda h: optax.adamw(h.lr, weight_decay=h.weight_decay), "AdamW", default_lr=1e-3
+    ),
+    "nadamw": Optimizer(
+        lambda h: optax.nadamw(h.lr, weight_decay=h.weight_decay),
+        "NadamW",
+        default_lr=1e-3,
+        compare=(Row("nadamw", "NadamW (weight decay 0), tuned lr", grid=ADAM_GRID),),
+    ),
+    "prodigy": Optimizer(
+        lambda h: contrib.prodigy(h.lr, weight_decay=h.weight_decay),
+        "Prodigy (learning-rate free; --lr multiplies)",
+        default_lr=1.0,
+        compare=(Row("prodigy", "Prodigy, defaults"),),
+    ),
+    "dog": Optimizer(
+        lambda h: contrib.dog(h.lr, weight_decay=h.weight_decay or None),
+        "DoG (learning-rate free; --lr multiplies)",
+        default_lr=1.0,
+        compare=(Row("dog", "DoG, defaults"),),
+    ),
+    "dadapt_adamw": Optimizer(
+        lambda h: contrib.dadapt_adamw(h.lr, weight_decay=h.weight_decay),
+        "D-Adaptation AdamW (learning-rate free; --lr multiplies)",
+        default_lr=1.0,
+        compare=(Row("dadapt_adamw", "D-Adaptation AdamW, defaults"),),
+    ),
+    "cocob": Optimizer(
+        lambda h: contrib.cocob(h.lr, weight_decay=h.weight_decay),
+        "COCOB (learning-rate free; --lr multiplies)",
+        default_lr=1.0,
+        compare=(Row("cocob", "COCOB, defaults"),),
+    ),
+    "mechanize": Optimizer(
+        lambda h: contrib.mechanize(optax.adam(h.lr), weight_decay=h.weight_decay),
+        "Mechanic on Adam (learning-rate free)",
+        default_lr=1e-3,
+        compare=(Row("mechanize", "Mechanic on Adam, defaults"),),
+    ),
+    "schedule_free_adamw": Optimizer(
+        lambda h: contrib.schedule_free_adamw(h.lr, weight_decay=h.weight_decay),
+        "Schedule-free AdamW (evaluated at its averaged point)",
+        default_lr=2.5e-3,
+        compare=(Row("schedule_free_adamw", "Schedule-free AdamW, defaults"),),
+        eval_params=contrib.schedule_free_eval_params,
+    ),
 }
 
 
-def make_optimizer(
-    config: Config, total_steps: int, steps_per_epoch: int
-) -> optax.GradientTransformation:
-    """The optax transformation named by ``config.optimizer``."""
-    if config.optimizer not in OPTIMIZERS:
-        raise ValueError(
-            f"unknown optimizer {config.optimizer!r}; expected one of {tuple(OPTIMIZERS)}"
-        )
-    lr = None if config.optimizer == "agd" else learning_rate(config, total_steps, steps_per_epoch)
-    return OPTIMIZERS[config.optimizer](config, lr)
+def get(name: str) -> Optimizer:
+    """The registry entry of ``name``, or a ValueError naming the known ones."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; expected one of {tuple(OPTIMIZERS)}")
+    return OPTIMIZERS[name]
 
 
-def is_schedule_free(config: Config) -> bool:
-    """Schedule-free optimizers evaluate at a point other than the training iterate."""
-    return config.optimizer == "schedule_free_adamw"
+def all_options() -> dict[str, tuple[Option, list[str]]]:
+    """Every optimizer option by name, with the optimizers that take it (an option shared by
+    several optimizers must be declared the same way by each)."""
+    out: dict[str, tuple[Option, list[str]]] = {}
+    for name, spec in OPTIMIZERS.items():
+        for opt in spec.options:
+            if opt.name in out and out[opt.name][0] != opt:
+                raise ValueError(f"option {opt.name!r} is declared differently by {name!r}")
+            out.setdefault(opt.name, (opt, []))[1].append(name)
+    return out
+
+
+def resolve_options(name: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """``given`` with the defaults of optimizer ``name``'s options filled in; a ValueError for an
+    option it does not take."""
+    spec = get(name)
+    known = {o.name: o for o in spec.options}
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        takes = ", ".join(known) or "none"
+        raise ValueError(f"optimizer {name!r} has no option {unknown} (its options: {takes})")
+    return {k: given.get(k, o.default) for k, o in known.items()}
+
+
+def learning_rate(
+    peak: float, schedule: str, warmup_steps: int, total_steps: int
+) -> optax.ScalarOrSchedule:
+    """Constant, cosine, or linear warmup then cosine."""
+    if schedule == "constant":
+        return peak
+    if schedule == "cosine" or warmup_steps == 0:
+        return optax.cosine_decay_schedule(peak, max(total_steps, 1))
+    return optax.warmup_cosine_decay_schedule(
+        0.0, peak, warmup_steps, max(total_steps, warmup_steps + 1)
+    )
+
+
+SCHEDULES = ("constant", "cosine", "warmup_cosine")

@@ -3,6 +3,8 @@
 With no flags: AGD, a bias-free 3-layer FCN, scikit-learn's digits (no download).
 ``--arch transformer``: a byte-level language model, by default on the Python standard library's
 source (no download either), with the defaults of ``config.ARCH_DEFAULTS``.
+The architectures, datasets and optimizers on offer, and each optimizer's own flags, come from the
+registries (``models.ARCHITECTURES``, ``data.DATASETS``, ``optimizers.OPTIMIZERS``).
 """
 
 from __future__ import annotations
@@ -13,14 +15,34 @@ import sys
 
 import jax
 
-from benchmarks.config import ARCH_DEFAULTS, ARCHS, DATASETS, LOSSES, SCHEDULES, VOCABS, Config
-from benchmarks.optimizers import OPTIMIZERS
+from benchmarks.config import ARCH_DEFAULTS, ARCHS, LOSSES, Config
+from benchmarks.data import DATASETS
+from benchmarks.data.text import VOCABS
+from benchmarks.models import ARCHITECTURES
+from benchmarks.optimizers import OPTIMIZERS, SCHEDULES, all_options
+
+
+def _table(title: str, rows: dict[str, str]) -> str:
+    width = max(len(name) for name in rows)
+    return f"{title}:\n" + "\n".join(f"  {n:<{width}}  {text}" for n, text in rows.items())
+
+
+def _epilog() -> str:
+    tables = [
+        ("architectures (--arch)", {n: a.description for n, a in ARCHITECTURES.items()}),
+        ("datasets (--dataset)", {n: d.description for n, d in DATASETS.items()}),
+        ("optimizers (--optimizer)", {n: o.description for n, o in OPTIMIZERS.items()}),
+    ]
+    return "\n\n".join(_table(title, rows) for title, rows in tables)
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
     d = Config()
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks.train", description=__doc__.splitlines()[0]
+        prog="python -m benchmarks.train",
+        description=__doc__.splitlines()[0],
+        epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     # Flags whose default depends on the arch (ARCH_DEFAULTS) are left out when not given.
     auto = argparse.SUPPRESS
@@ -48,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument(
         "--bias", action="store_true", help="biases and affine BatchNorm (AGD's 1-D rules)"
     )
-    p.add_argument("--dataset", choices=DATASETS, default=auto, help=f"default {d.dataset}")
+    p.add_argument("--dataset", choices=tuple(DATASETS), default=auto, help=f"default {d.dataset}")
     p.add_argument(
         "--data-dir",
         default=d.data_dir,
@@ -82,7 +104,21 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument(
         "--no-augment", dest="augment", action="store_false", help="no CIFAR augmentation"
     )
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--official-normalization",
+        action="store_true",
+        help="CIFAR: the official AGD code's mean/std (default: the training set's own)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=d.seed, help="initialisation, batch order and augmentation"
+    )
+    p.add_argument(
+        "--data-seed",
+        type=int,
+        default=d.data_seed,
+        help="digits: its train/test split; mnist1d: the generator's seed (default: the standard "
+        "split); refused for datasets with a fixed split",
+    )
     p.add_argument(
         "--workdir", default=d.workdir, help="where config, metrics, plot and checkpoints go"
     )
@@ -116,11 +152,23 @@ def parse_args(argv: list[str] | None = None) -> Config:
     )
     p.add_argument("--num-processes", type=int, default=d.num_processes)
     p.add_argument("--process-id", type=int, default=d.process_id)
+    group = p.add_argument_group("optimizer options (each for the optimizers named)")
+    for name, (option, takers) in all_options().items():
+        group.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=f"opt_{name}",
+            type=option.type,
+            default=None,
+            help=f"{option.help} (default {option.default}; {', '.join(takers)})",
+        )
     args = p.parse_args(argv)
     defaults = ARCH_DEFAULTS.get(args.arch, {})
-    values = {
-        f.name: getattr(args, f.name, defaults.get(f.name, getattr(d, f.name)))
-        for f in dataclasses.fields(Config)
+    names = [f.name for f in dataclasses.fields(Config) if f.name != "optimizer_options"]
+    values = {name: getattr(args, name, defaults.get(name, getattr(d, name))) for name in names}
+    values["optimizer_options"] = {
+        name: getattr(args, f"opt_{name}")
+        for name in all_options()
+        if getattr(args, f"opt_{name}") is not None
     }
     try:
         return Config(**values).validate()

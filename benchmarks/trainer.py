@@ -11,12 +11,10 @@ import optax
 from flax import nnx
 
 import agd_optax
-from benchmarks import parallel
+from benchmarks import optimizers, parallel
 from benchmarks.config import Config
 from benchmarks.input_pipeline import eval_batches
-from benchmarks.models import make_model
-from benchmarks.models.transformer import make_transformer
-from benchmarks.optimizers import is_schedule_free, make_optimizer
+from benchmarks.models import ALIASES, ARCHITECTURES, make_model
 
 # Losses.
 
@@ -39,31 +37,28 @@ def per_example_loss(kind: str, logits: jax.Array, labels: jax.Array) -> jax.Arr
 
 
 def build_model(config: Config, data) -> nnx.Module:
-    """The model of ``config``; AGD runs start from AGD's scaled orthogonal initialisation,
-    baselines from Flax's usual initialisers (the transformer: GPT-2's)."""
-    if config.arch == "transformer":
-        return make_transformer(
-            data.vocab_size,
-            context=config.context,
-            depth=config.depth,
-            width=config.width,
-            heads=config.heads,
-            bias=config.bias,
-            tied=config.tied,
-            scan_layers=config.scan_layers,
-            init="agd" if config.optimizer == "agd" else "gpt2",
-            rngs=nnx.Rngs(config.seed),
-        )
+    """The model of ``config``; AGD runs (``Optimizer.agd_init``) start from AGD's scaled
+    orthogonal initialisation, baselines from Flax's usual initialisers (the transformer: GPT-2's).
+    The architecture's own options (``Architecture.options``) are the same-named Config fields."""
+    arch = ARCHITECTURES[ALIASES.get(config.arch, config.arch)]
+    agd_init = optimizers.get(config.optimizer).agd_init
+    options = {name: getattr(config, name) for name in arch.options}
+    if arch.task == "language":  # Initialised by the model itself, AGD's way or GPT-2's.
+        num_classes, input_shape = data.vocab_size, (config.context,)
+        options["init"] = "agd" if agd_init else "gpt2"
+    else:
+        num_classes, input_shape = data.num_classes, data.input_shape
     model = make_model(
         config.arch,
-        num_classes=data.num_classes,
-        input_shape=data.input_shape,
-        depth=config.depth if config.arch in ("fcn", "cnn1d") else None,
+        num_classes=num_classes,
+        input_shape=input_shape,
+        depth=config.depth if arch.fixed_depth is None else None,
         width=config.width,
         bias=config.bias,
         rngs=nnx.Rngs(config.seed),
+        **options,
     )
-    if config.optimizer == "agd":
+    if agd_init and arch.task != "language":
         params = nnx.state(model, nnx.Param)
         key = jax.random.fold_in(jax.random.key(config.seed), 1)
         nnx.update(model, agd_optax.reinitialize(key, params, agd_optax.nnx_roles(model)))
@@ -71,9 +66,9 @@ def build_model(config: Config, data) -> nnx.Module:
 
 
 def agd_roles(config: Config, model: nnx.Module) -> Any:
-    """AGD's roles for ``model``: read off its forward pass for the transformer (stacked blocks
+    """AGD's roles for ``model``: read off its forward pass for language models (stacked blocks
     included), off its module types otherwise."""
-    if config.arch == "transformer":
+    if ARCHITECTURES[ALIASES.get(config.arch, config.arch)].task == "language":
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         tokens = jnp.zeros((1, config.context), jnp.int32)
         forward = lambda p, r, x: nnx.merge(graphdef, p, r)(x)  # noqa: E731
@@ -81,10 +76,26 @@ def agd_roles(config: Config, model: nnx.Module) -> Any:
     return agd_optax.nnx_roles(model)
 
 
-def make_tx(config: Config, model: nnx.Module, total_steps: int, steps_per_epoch: int):
-    if config.optimizer == "agd":
-        return agd_optax.agd(config.gain, roles=agd_roles(config, model))
-    return make_optimizer(config, total_steps, steps_per_epoch)
+def make_tx(
+    config: Config, model: nnx.Module | None, total_steps: int, steps_per_epoch: int
+) -> optax.GradientTransformation:
+    """The optax transformation of ``config.optimizer`` (``optimizers.OPTIMIZERS``), with the
+    configured learning-rate schedule for optimizers that take a learning rate."""
+    spec = optimizers.get(config.optimizer)
+    lr = None
+    if spec.takes_lr:
+        peak = spec.default_lr if config.lr is None else config.lr
+        warmup = int(config.warmup_epochs * steps_per_epoch)
+        lr = optimizers.learning_rate(peak, config.schedule, warmup, total_steps)
+    hyper = optimizers.Hyper(
+        lr=lr,
+        weight_decay=config.weight_decay,
+        momentum=config.momentum,
+        gain=config.gain,
+        options=optimizers.resolve_options(config.optimizer, config.optimizer_options),
+        roles=None if model is None else (lambda: agd_roles(config, model)),
+    )
+    return spec.build(hyper)
 
 
 def _pure(tree: Any) -> Any:
@@ -92,10 +103,12 @@ def _pure(tree: Any) -> Any:
     return jax.tree.map(lambda v: v[...], tree, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
-def _opt_scalar(opt_state: Any, name: str) -> jax.Array | None:
-    """An optimizer-state field (AGD's eta) as an array, or None if the optimizer has none."""
+def _opt_scalar(opt_state: Any, name: str, optimizer: str) -> jax.Array:
+    """An optimizer-state field (AGD's eta) as a float32 array."""
     found = optax.tree.get(_pure(opt_state), name, None)
-    return None if found is None else jnp.asarray(found, jnp.float32)
+    if found is None:
+        raise ValueError(f"optimizer {optimizer!r} logs {name!r}, but its state has no such field")
+    return jnp.asarray(found, jnp.float32)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -140,7 +153,7 @@ class Trainer:
             self.state_sharding = jax.tree.map(lambda _: parallel.replicated(mesh), state)
         # Copies: some optimizers' states alias the parameters (cocob), which donation forbids.
         self.state = jax.tree.map(jnp.copy, jax.device_put(state, self.state_sharding))
-        self.schedule_free = is_schedule_free(config)
+        self.spec = optimizers.get(config.optimizer)
         self._train_step = jax.jit(self._train_step_impl, donate_argnums=0)
         self._eval_step = jax.jit(self._eval_step_impl)
 
@@ -166,9 +179,8 @@ class Trainer:
         (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         optimizer.update(model, grads)
         metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
-        eta = _opt_scalar(optimizer.opt_state, "eta")
-        if eta is not None:
-            metrics["eta"] = eta
+        for name in self.spec.logged:
+            metrics[name] = _opt_scalar(optimizer.opt_state, name, self.config.optimizer)
         new_state = jax.lax.with_sharding_constraint(
             nnx.state((model, optimizer)), self.state_sharding
         )
@@ -176,11 +188,9 @@ class Trainer:
 
     def _eval_step_impl(self, state, x, y, mask):
         model, optimizer = nnx.merge(self.graphdef_eval, state)
-        if self.schedule_free:
+        if self.spec.eval_params is not None:
             params = _pure(nnx.state(model, nnx.Param))
-            nnx.update(
-                model, optax.contrib.schedule_free_eval_params(_pure(optimizer.opt_state), params)
-            )
+            nnx.update(model, self.spec.eval_params(_pure(optimizer.opt_state), params))
         logits = self._forward(model, x)
         losses = per_example_loss(self.config.loss, logits, y)
         correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)

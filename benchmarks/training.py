@@ -115,8 +115,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None, mesh=None) ->
             "test_accuracy": test["accuracy"],
             "epoch_time_s": time.perf_counter() - t0,
         }
-        if "eta" in train:
-            row["eta"] = train["eta"]
+        row.update({name: train[name] for name in trainer.spec.logged})  # Epoch means.
         rows.append(row)
         if is_main:
             run_folder.write_metrics(workdir, rows)
@@ -124,7 +123,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None, mesh=None) ->
             print(
                 f"epoch {epoch:3d}  train loss {row['train_loss']:.4f}  acc {row['train_accuracy']:.4f}  "
                 f"{test_name} loss {row['test_loss']:.4f}  acc {row['test_accuracy']:.4f}"
-                + (f"  eta {row['eta']:.4f}" if "eta" in row else ""),
+                + "".join(f"  {name} {row[name]:.4g}" for name in trainer.spec.logged),
                 flush=True,
             )
         if manager is not None:

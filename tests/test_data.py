@@ -137,6 +137,8 @@ def test_digits():
     again = load_dataset("digits", seed=0)
     np.testing.assert_array_equal(again.train_y, data.train_y)
     assert not np.array_equal(load_dataset("digits", seed=1).train_y, data.train_y)
+    with pytest.raises(ValueError, match="'mnist' has a fixed train/test split"):
+        load_dataset("mnist", seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +182,19 @@ def test_mnist1d_dataset_and_cache(tmp_path, monkeypatch, mnist1d_arrays):
     again = load_dataset("mnist1d", tmp_path)
     np.testing.assert_array_equal(again.train_x, cached.train_x)
     np.testing.assert_array_equal(again.test_y, data.test_y)
+
+
+def test_mnist1d_data_seed_generates_and_caches_its_own_draw(tmp_path, monkeypatch, mnist1d_arrays):
+    seeds = []
+
+    def generate(seed=None):
+        seeds.append(seed)
+        return dict(mnist1d_arrays)
+
+    monkeypatch.setattr(small_mod, "generate_mnist1d", generate)
+    load_dataset("mnist1d", tmp_path, seed=3)
+    assert seeds == [3] and (tmp_path / "mnist1d" / "mnist1d_seed3.npz").is_file()
+    assert not (tmp_path / "mnist1d" / "mnist1d_default.npz").exists()
 
 
 def test_mnist1d_matches_package_defaults(mnist1d_arrays):
@@ -332,19 +347,27 @@ def test_cifar_tarball_and_folder_agree(tmp_path, name):
     data_row = raw["train"][0][1]
     for k, r, c in [(0, 0, 0), (1, 5, 7), (2, 31, 30)]:
         value = data_row[k * 1024 + r * 32 + c] / 255.0
-        expected = (value - spec.mean[k]) / spec.std[k]
+        expected = (value - from_tar.mean[k]) / from_tar.std[k]
         assert from_tar.train_x[1, r, c, k] == pytest.approx(expected, rel=1e-5, abs=1e-5)
 
 
 def test_cifar_normalisation_stats(tmp_path):
     write_cifar(tmp_path, "cifar10", tarball=False, n=40)
     data = load_dataset("cifar10", tmp_path)
-    spec = CIFAR_SPECS["cifar10"]
+    # By default: the training images' own per-channel statistics, so train is standardised.
+    np.testing.assert_allclose(data.train_x.mean(axis=(0, 1, 2)), 0.0, atol=1e-4)
+    np.testing.assert_allclose(data.train_x.std(axis=(0, 1, 2)), 1.0, rtol=1e-4)
     # Uniform random pixels: mean 0.5, std ~0.289 before normalisation.
-    expected_mean = (0.5 - np.array(spec.mean)) / np.array(spec.std)
-    expected_std = (1 / np.sqrt(12)) / np.array(spec.std)
-    np.testing.assert_allclose(data.train_x.mean(axis=(0, 1, 2)), expected_mean, atol=0.02)
-    np.testing.assert_allclose(data.train_x.std(axis=(0, 1, 2)), expected_std, rtol=0.02)
+    np.testing.assert_allclose(data.mean, 0.5, atol=0.02)
+    np.testing.assert_allclose(data.std, 1 / np.sqrt(12), rtol=0.02)
+    # With the official code's values (kept for parity runs).
+    official = load_dataset("cifar10", tmp_path, official_normalization=True)
+    spec = CIFAR_SPECS["cifar10"]
+    assert official.mean == spec.official_mean and official.std == spec.official_std
+    expected_mean = (0.5 - np.array(spec.official_mean)) / np.array(spec.official_std)
+    expected_std = (1 / np.sqrt(12)) / np.array(spec.official_std)
+    np.testing.assert_allclose(official.train_x.mean(axis=(0, 1, 2)), expected_mean, atol=0.02)
+    np.testing.assert_allclose(official.train_x.std(axis=(0, 1, 2)), expected_std, rtol=0.02)
 
 
 def test_cifar_missing_and_malformed(tmp_path):

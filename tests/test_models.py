@@ -275,4 +275,12 @@ def test_make_model_errors():
         make_model("vgg16", input_shape=(32, 32), **kw)
     with pytest.raises(ValueError, match="width must be >= 1"):
         make_model("resnet50", input_shape=(32, 32, 3), width=0, **kw)
-    assert set(ARCHS) == {"fcn", "cnn1d", "vgg16", "resnet18", "preact_resnet18", "resnet50"}
+    assert set(ARCHS) == {
+        "fcn",
+        "cnn1d",
+        "vgg16",
+        "resnet18",
+        "preact_resnet18",
+        "resnet50",
+        "transformer",
+    }

@@ -4,11 +4,13 @@ import json
 
 import jax
 import numpy as np
+import optax
 import pytest
 from fake_data import write_cifar, write_imagenet, write_mnist
 
-from benchmarks import train
+from benchmarks import optimizers, train
 from benchmarks.config import Config
+from benchmarks.input_pipeline import load_data
 from benchmarks.optimizers import OPTIMIZERS
 from benchmarks.training import train_and_evaluate
 
@@ -37,6 +39,8 @@ def test_cli_trains_digits_and_writes_everything(tmp_path, capsys):
     assert all(r["eta"] > 0 for r in rows)
     assert (workdir / "curves.png").stat().st_size > 1000
     assert (workdir / "checkpoints").is_dir()
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["steps_per_epoch"] == 1437 // 128 and summary["epoch"] == 3
 
 
 def test_resumed_run_ends_with_the_same_weights(tmp_path):
@@ -167,3 +171,33 @@ def test_bad_configs_raise_clear_errors(tmp_path):
     write_imagenet(tmp_path / "inet", per_class=2)
     with pytest.raises(ValueError, match="validation_split is for in-memory datasets"):
         _run(tmp_path, dataset="imagenet", data_dir=str(tmp_path / "inet"), validation_split=0.2)
+
+
+def test_a_registered_optimizer_gets_its_flag_and_its_logged_scalar(tmp_path, monkeypatch):
+    """Adding an optimizer is one registry entry: its option becomes a flag of the training
+    program, its value reaches the factory, and the state field it names is logged per epoch."""
+    entry = optimizers.Optimizer(
+        lambda h: optax.inject_hyperparams(optax.sgd)(learning_rate=h.options["base_lr"]),
+        "SGD whose learning rate lives in its state",
+        default_lr=0.1,
+        logged=("learning_rate",),
+        options=(optimizers.Option("base_lr", float, 0.01, "the learning rate"),),
+    )
+    monkeypatch.setitem(optimizers.OPTIMIZERS, "sgd_in_state", entry)
+    argv = ["--optimizer", "sgd_in_state", "--base-lr", "0.05", "--epochs", "1", "--width", "16"]
+    config = train.parse_args([*argv, "--workdir", str(tmp_path / "r"), "--no-progress"])
+    assert config.optimizer_options == {"base_lr": 0.05}
+    config.max_steps_per_epoch, config.checkpoint = 3, False
+    final = train_and_evaluate(config)
+    assert final["learning_rate"] == pytest.approx(0.05)
+    assert Config(optimizer="sgd_in_state").validate().optimizer_options == {"base_lr": 0.01}
+    with pytest.raises(ValueError, match="optimizer 'adam' has no option"):
+        Config(optimizer="adam", optimizer_options={"base_lr": 0.1}).validate()
+
+
+def test_data_seed_draws_the_digits_split_and_is_refused_for_fixed_splits():
+    standard = load_data(Config())
+    np.testing.assert_array_equal(load_data(Config(seed=5)).train_y, standard.train_y)
+    assert not np.array_equal(load_data(Config(data_seed=1)).train_y, standard.train_y)
+    with pytest.raises(ValueError, match="'cifar10' has a fixed train/test split"):
+        Config(dataset="cifar10", data_seed=1).validate()

@@ -22,12 +22,24 @@ from benchmarks.compare.protocol import (
 )
 from benchmarks.compare.report import write_outputs
 from benchmarks.compare.runner import Runner
-from benchmarks.compare.workloads import ADAM_GRID, SGD_GRID, SUITES, SUITES_NEEDING_DATA
+from benchmarks.compare.workloads import ENTRIES, SUITES, needs_data_dir
+from benchmarks.data import DATASETS
 from benchmarks.reporting import hardware_description
 
 DESCRIPTION = (
     "Evidence suite: AGD against tuned and learning-rate-free baselines, tuning cost included."
 )
+
+
+def _default_grids() -> str:
+    """The default grids in words: ``5 points (sgd_momentum 0.003..0.3; adam, nadamw 1e-4..0.01)``."""
+    grids: dict[tuple[float, ...], list[str]] = {}
+    for e in ENTRIES:
+        if e.tuned:
+            grids.setdefault(e.grid, []).append(e.label)
+    sizes = sorted({len(g) for g in grids})
+    ranges = "; ".join(f"{', '.join(labels)} {g[0]:g}..{g[-1]:g}" for g, labels in grids.items())
+    return f"{'/'.join(map(str, sizes))} log-spaced points ({ranges})"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -63,7 +75,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.seeds, args.epochs = 1, args.epochs or 2
         args.grid = args.grid or "2"
-    if args.suite in SUITES_NEEDING_DATA and args.data_dir is None and not args.download:
+    if needs_data_dir(args.suite) and args.data_dir is None and not args.download:
         p.error(f"--suite {args.suite} needs --data-dir (the dataset is not downloaded here)")
     if args.seeds < 1:
         p.error("--seeds must be >= 1")
@@ -99,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs_dir = os.path.join(args.runs_dir, "compare", suite)
     if args.data_dir is not None:
         overrides["data_dir"] = args.data_dir
-    elif suite == "mnist1d":  # Cache the generated arrays instead of regenerating for every run.
+    elif all(DATASETS[w.config["dataset"]].caches for w in workloads):  # Generated once.
         overrides["data_dir"] = os.path.join(args.runs_dir, "data")
     if args.download:
         overrides["download"] = True
@@ -113,8 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(args.grid, int)
         else "/".join(f"{v:g}" for v in args.grid)
         if isinstance(args.grid, tuple)
-        else f"{len(SGD_GRID)} points (SGD {SGD_GRID[0]:g}..{SGD_GRID[-1]:g}, Adam and NadamW "
-        f"{ADAM_GRID[0]:g}..{ADAM_GRID[-1]:g}, half-decade steps)"
+        else _default_grids()
     )
     result: dict[str, Any] = {
         "suite": suite,

@@ -10,13 +10,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from benchmarks.compare.workloads import ENTRIES, FIXED_LR, Entry, Workload
+from benchmarks.compare.workloads import ENTRIES, Entry, Workload
+from benchmarks.data import DATASETS
+from benchmarks.optimizers import OPTIMIZERS
 
 VALIDATION_SPLIT = 0.2
-# Datasets whose train/test split is drawn from the seed: tune on each seed's own training set.
-SPLIT_DEPENDS_ON_SEED = ("digits",)
-# Datasets where Config.validation_split does not apply (streamed): no grid is allowed.
-NO_VALIDATION_SPLIT = ("imagenet",)
 TARGET_FRACTION = 0.95
 
 
@@ -105,8 +103,8 @@ def entries_for(
         if names and e.label not in names:
             continue
         if e.grid:
-            if dataset in NO_VALIDATION_SPLIT:
-                e = dataclasses.replace(e, grid=(FIXED_LR[e.optimizer],))
+            if DATASETS[dataset].streamed:  # No held-out split: one fixed, untuned lr.
+                e = dataclasses.replace(e, grid=(OPTIMIZERS[e.optimizer].default_lr,))
             elif isinstance(grid, int):
                 e = dataclasses.replace(e, grid=grid_points(min(e.grid), max(e.grid), grid))
             elif isinstance(grid, tuple):
@@ -126,21 +124,19 @@ class Runs(Protocol):
 def run_cell(
     runner: Runs, workload: Workload, entry: Entry, seeds: Sequence[int]
 ) -> dict[str, Any]:
-    """Every run of one table cell: the grid (if tuned), then the final runs, one per seed."""
-    per_seed = workload.config["dataset"] in SPLIT_DEPENDS_ON_SEED
+    """Every run of one table cell: the grid (if tuned), then the final runs, one per seed.
+
+    The grid runs once, with the first seed: the seeds vary the initialisation and the batch
+    order, while the train/test split stays the data seed's, so one choice serves every seed.
+    """
     grid_runs: list[dict[str, Any]] = []
-    chosen: dict[int, float | None] = {}
+    chosen_lr = entry.grid[0] if entry.grid else None
     if entry.tuned:
-        tune_seeds = list(seeds) if per_seed else [seeds[0]]
-        for s in tune_seeds:
-            runs = [runner.run(workload, entry, lr, s, validation=True) for lr in entry.grid]
-            grid_runs += runs
-            lr = select_lr(runs)
-            for seed in seeds if not per_seed else [s]:
-                chosen[seed] = lr
-    else:
-        for seed in seeds:
-            chosen[seed] = entry.grid[0] if entry.grid else None
+        grid_runs = [
+            runner.run(workload, entry, lr, seeds[0], validation=True) for lr in entry.grid
+        ]
+        chosen_lr = select_lr(grid_runs)
+    chosen = {seed: chosen_lr for seed in seeds}
     final_runs = [runner.run(workload, entry, chosen[s], s, validation=False) for s in seeds]
     return {
         "label": entry.label,
@@ -149,7 +145,6 @@ def run_cell(
         "description": entry.description,
         "grid": list(entry.grid),
         "tuned": entry.tuned,
-        "tuned_per_seed": bool(entry.tuned and per_seed),
         "chosen_lr": {str(s): chosen[s] for s in seeds},
         "grid_runs": grid_runs,
         "final_runs": final_runs,

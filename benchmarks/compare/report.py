@@ -7,11 +7,13 @@ import os
 from typing import Any
 
 from benchmarks.compare.plots import plot_compute, plot_curves
+from benchmarks.optimizers import OPTIMIZERS
 from benchmarks.reporting import json_safe
 
 
 def _lr_text(cell: dict[str, Any], s: dict[str, Any]) -> str:
-    if cell["optimizer"] == "agd":
+    spec = OPTIMIZERS.get(cell["optimizer"])
+    if spec is not None and not spec.takes_lr:
         return f"none (gain {cell['gain']:g})"
     if not cell["tuned"]:
         lr = s["chosen_lrs"][0]
@@ -56,13 +58,6 @@ def markdown(suite: str, result: dict[str, Any]) -> str:
             f"95% of it: {summ['target_accuracy']:.4f}.",
             "",
         ]
-        if any(c.get("tuned_per_seed") for c in w["cells"]):
-            lines += [
-                "This dataset's train/test split is drawn from the seed, so each tuned optimizer's "
-                "grid is run on every seed's own training set (one grid per seed, all counted in "
-                "its compute) and the learning rates chosen are listed per seed.",
-                "",
-            ]
         lines += [
             "| optimizer | learning rate | test accuracy | steps to 95% of best | grid runs "
             "| total steps (incl. grid) | total wall s (incl. grid) |",

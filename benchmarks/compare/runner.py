@@ -13,6 +13,7 @@ from typing import Any
 from benchmarks.compare.protocol import VALIDATION_SPLIT
 from benchmarks.compare.workloads import ENTRIES, Entry, Workload
 from benchmarks.config import Config
+from benchmarks.optimizers import OPTIMIZERS
 from benchmarks.workdir import read_metrics
 
 
@@ -70,7 +71,7 @@ class Runner:
                 "train_accuracy": r.get("train_accuracy"),
                 f"{prefix}_loss": r.get("test_loss"),
                 f"{prefix}_accuracy": r.get("test_accuracy"),
-                **({"eta": r["eta"]} if "eta" in r else {}),
+                **{name: r[name] for name in OPTIMIZERS[entry.optimizer].logged if name in r},
             }
             for r in rows
         ]

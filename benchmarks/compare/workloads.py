@@ -1,11 +1,16 @@
-"""What the evidence suite compares: the optimizer rows of its tables and the workloads of each suite."""
+"""What the evidence suite compares: the optimizer rows of its tables (from each optimizer's
+``compare`` rows in ``benchmarks.optimizers.OPTIMIZERS``) and the workloads of each suite.
+
+Adding a workload is one ``Workload`` in ``SUITES``; a new suite is a new key.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-SUITES_NEEDING_DATA = ("cifar10", "cifar100", "imagenet")
+from benchmarks.data import DATASETS
+from benchmarks.optimizers import OPTIMIZERS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,24 +28,16 @@ class Entry:
         return len(self.grid) > 1
 
 
-SGD_GRID = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
-ADAM_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+def _entries() -> tuple[Entry, ...]:
+    """The table's rows, in the registry's order: each optimizer's ``compare`` rows."""
+    return tuple(
+        Entry(row.label, name, row.gain, row.grid, row.description)
+        for name, spec in OPTIMIZERS.items()
+        for row in spec.compare
+    )
 
-ENTRIES: tuple[Entry, ...] = (
-    Entry("agd", "agd", 1.0, description="AGD, gain 1 (the published algorithm, no setting)"),
-    Entry("agd_gain10", "agd", 10.0, description="AGD, gain 10"),
-    Entry("sgd_momentum", "sgd", grid=SGD_GRID, description="SGD, momentum 0.9, tuned lr"),
-    Entry("adam", "adam", grid=ADAM_GRID, description="Adam, tuned lr"),
-    Entry("nadamw", "nadamw", grid=ADAM_GRID, description="NadamW (weight decay 0), tuned lr"),
-    Entry("prodigy", "prodigy", description="Prodigy, defaults"),
-    Entry("dog", "dog", description="DoG, defaults"),
-    Entry("dadapt_adamw", "dadapt_adamw", description="D-Adaptation AdamW, defaults"),
-    Entry("cocob", "cocob", description="COCOB, defaults"),
-    Entry("mechanize", "mechanize", description="Mechanic on Adam, defaults"),
-    Entry(
-        "schedule_free_adamw", "schedule_free_adamw", description="Schedule-free AdamW, defaults"
-    ),
-)
+
+ENTRIES: tuple[Entry, ...] = _entries()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +109,8 @@ SUITES: dict[str, tuple[Workload, ...]] = {
         ),
     ),
 }
-# ImageNet has no held-out split in the training program: the baselines run at one learning rate
-# each (SGD at 0.1 as in the paper), untuned, rather than be tuned on the validation (test) set.
-FIXED_LR = {"sgd": 0.1, "adam": 1e-3, "nadamw": 1e-3}
+
+
+def needs_data_dir(suite: str) -> bool:
+    """Whether a suite reads dataset files (rather than generated or bundled data)."""
+    return any(not DATASETS[w.config["dataset"]].bundled for w in SUITES[suite])

@@ -1,13 +1,18 @@
-"""Datasets for the AGD benchmarks, and the ``load_dataset`` registry.
+"""Datasets for the AGD benchmarks: the ``DATASETS`` table, read by ``load_dataset``.
 
 In-memory datasets (digits, mnist1d, mnist, cifar10, cifar100) come back as a
 ``Dataset`` of numpy arrays; ImageNet comes back as an ``ImageNetData`` with streaming
 ``train_loader`` / ``eval_loader``. Nothing is downloaded unless ``download=True``.
+
+Adding a dataset is one entry in ``DATASETS``: its loader, whether it can be downloaded, whether
+a seed draws its split, the ``Config`` fields its loader takes, and its training augmentation.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Callable
 
 from benchmarks.data.base import DEFAULT_DATA_DIR, Dataset, iterate_batches, normalize
 from benchmarks.data.cifar import (
@@ -27,11 +32,13 @@ from benchmarks.data.imagenet import (
 )
 from benchmarks.data.mnist import MNIST_MEAN, MNIST_STD, load_mnist, parse_idx, read_idx
 from benchmarks.data.small import load_digits, load_mnist1d
+from benchmarks.data.text import TextData, load_text
 
 __all__ = [
     "CIFAR_SPECS",
     "CorruptImageError",
     "DATASETS",
+    "DatasetInfo",
     "DEFAULT_DATA_DIR",
     "Dataset",
     "IMAGENET_MEAN",
@@ -55,8 +62,84 @@ __all__ = [
     "read_idx",
 ]
 
-DATASETS = ("digits", "mnist1d", "mnist", "cifar10", "cifar100", "imagenet")
-_DOWNLOADABLE = ("mnist", "cifar10", "cifar100")
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """One dataset: ``load(data_dir, download=..., seed=..., **options)``."""
+
+    load: Callable[..., Dataset | ImageNetData]
+    description: str
+    bundled: bool = False  # Generated or shipped with a package: no files, no --data-dir.
+    downloadable: bool = False
+    seeded: bool = False  # ``seed`` draws the split (None: the standard one); else refused.
+    options: tuple[str, ...] = ()  # Keyword options of ``load``; the same-named Config fields.
+    augment: Callable | None = None  # ``(rng, batch) -> batch`` for training batches.
+    streamed: bool = False  # Read from disk batch by batch (an ``ImageNetData``), not in memory.
+    caches: bool = False  # Writes what it generates under ``data_dir`` (MNIST-1D).
+    task: str = "classification"  # Or "language": a ``TextData`` token stream.
+
+
+def _imagenet(data_dir, download, seed, **options):
+    return load_imagenet(data_dir, **options)
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "digits": DatasetInfo(
+        lambda data_dir, download, seed: load_digits(seed),
+        "scikit-learn's 8x8 digits, 1437 train / 360 test",
+        bundled=True,
+        seeded=True,
+    ),
+    "mnist1d": DatasetInfo(
+        lambda data_dir, download, seed: load_mnist1d(data_dir, seed=seed),
+        "MNIST-1D, 4000 train / 1000 test signals of length 40 (generated)",
+        bundled=True,
+        seeded=True,
+        caches=True,
+    ),
+    "mnist": DatasetInfo(
+        lambda data_dir, download, seed: load_mnist(data_dir, download=download),
+        "MNIST, 60000 / 10000 images of 28x28",
+        downloadable=True,
+    ),
+    "cifar10": DatasetInfo(
+        lambda data_dir, download, seed, **o: load_cifar(
+            "cifar10", data_dir, download=download, **o
+        ),
+        "CIFAR-10, 50000 / 10000 images of 32x32x3",
+        downloadable=True,
+        options=("official_normalization",),
+        augment=augment_cifar,
+    ),
+    "cifar100": DatasetInfo(
+        lambda data_dir, download, seed, **o: load_cifar(
+            "cifar100", data_dir, download=download, **o
+        ),
+        "CIFAR-100 (fine labels), 50000 / 10000 images of 32x32x3",
+        downloadable=True,
+        options=("official_normalization",),
+        augment=augment_cifar,
+    ),
+    "imagenet": DatasetInfo(
+        _imagenet,
+        "ImageNet (ILSVRC-2012) folders, streamed and decoded on the fly",
+        options=("image_size", "resize_size", "num_workers", "num_threads"),
+        streamed=True,
+    ),
+    "pystdlib": DatasetInfo(
+        lambda data_dir, download, seed, **o: load_text("pystdlib", data_dir, **o),
+        "the Python standard library's source, as bytes (no download)",
+        bundled=True,
+        options=("vocab",),
+        task="language",
+    ),
+    "text": DatasetInfo(
+        lambda data_dir, download, seed, **o: load_text("text", data_dir, **o),
+        "a text file or a folder of them (--data-dir), as bytes",
+        options=("vocab",),
+        task="language",
+    ),
+}
 
 
 def load_dataset(
@@ -64,9 +147,9 @@ def load_dataset(
     data_dir: str | os.PathLike | None = None,
     *,
     download: bool = False,
-    seed: int = 0,
-    **imagenet_options,
-) -> Dataset | ImageNetData:
+    seed: int | None = None,
+    **options,
+) -> Dataset | ImageNetData | TextData:
     """Load a dataset by name (one of ``DATASETS``).
 
     Args:
@@ -75,25 +158,27 @@ def load_dataset(
         generated arrays there if given; digits ignores it.
       download: fetch missing mnist/cifar files (checksum-verified); an error for the
         other datasets.
-      seed: seed of the digits train/test split (other datasets have fixed splits).
-      **imagenet_options: for ``"imagenet"`` only: ``image_size``, ``resize_size``,
-        ``num_workers``, ``num_threads`` (see ``load_imagenet``).
+      seed: the data seed of digits (its stratified train/test split) and MNIST-1D (its
+        generator); None: the standard split. An error for datasets with a fixed split.
+      **options: the dataset's own options (``DatasetInfo.options``): for ``"imagenet"``
+        ``image_size``, ``resize_size``, ``num_workers``, ``num_threads`` (see
+        ``load_imagenet``); for CIFAR ``official_normalization`` (see ``load_cifar``).
     """
     key = name.lower() if isinstance(name, str) else name
     if key not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
-    if download and key not in _DOWNLOADABLE:
-        raise ValueError(f"download=True is only supported for {', '.join(_DOWNLOADABLE)}")
-    if imagenet_options and key != "imagenet":
+    info = DATASETS[key]
+    if download and not info.downloadable:
+        downloadable = [n for n, d in DATASETS.items() if d.downloadable]
+        raise ValueError(f"download=True is only supported for {', '.join(downloadable)}")
+    unknown = sorted(set(options) - set(info.options))
+    if unknown:
+        takers = [repr(n) for n, d in DATASETS.items() if set(unknown) <= set(d.options)]
         raise ValueError(
-            f"options {sorted(imagenet_options)} only apply to 'imagenet', not {name!r}"
+            f"options {unknown} only apply to {', '.join(takers) or 'no dataset'}, not {name!r}"
         )
-    if key == "digits":
-        return load_digits(seed)
-    if key == "mnist1d":
-        return load_mnist1d(data_dir)
-    if key == "mnist":
-        return load_mnist(data_dir, download=download)
-    if key in ("cifar10", "cifar100"):
-        return load_cifar(key, data_dir, download=download)
-    return load_imagenet(data_dir, **imagenet_options)
+    if seed is not None and not info.seeded:
+        raise ValueError(
+            f"{name!r} has a fixed train/test split; a data seed ({seed}) does not apply to it"
+        )
+    return info.load(data_dir, download, seed, **options)

@@ -22,13 +22,15 @@ class _CifarSpec:
     test_files: tuple[str, ...]
     label_key: str
     num_classes: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    official_mean: tuple[float, float, float]
+    official_std: tuple[float, float, float]
     url: str
     md5: str
 
 
-# mean/std: the values used by the official AGD repository (jxbz/agd, torchvision-style).
+# official_mean/std: the values the official AGD code normalises with (its CIFAR-10 std values
+# are not the per-channel std of the pixels, which is about 0.247, 0.243, 0.261). By default the
+# loader uses the training set's own per-channel statistics instead.
 CIFAR_SPECS = {
     "cifar10": _CifarSpec(
         archive="cifar-10-python.tar.gz",
@@ -37,8 +39,8 @@ CIFAR_SPECS = {
         test_files=("test_batch",),
         label_key="labels",
         num_classes=10,
-        mean=(0.4914, 0.4822, 0.4465),
-        std=(0.2023, 0.1994, 0.2010),
+        official_mean=(0.4914, 0.4822, 0.4465),
+        official_std=(0.2023, 0.1994, 0.2010),
         url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
         md5="c58f30108f718f92721af3b95e74349a",
     ),
@@ -49,8 +51,8 @@ CIFAR_SPECS = {
         test_files=("test",),
         label_key="fine_labels",
         num_classes=100,
-        mean=(0.5071, 0.4867, 0.4408),
-        std=(0.2675, 0.2565, 0.2761),
+        official_mean=(0.5071, 0.4867, 0.4408),
+        official_std=(0.2675, 0.2565, 0.2761),
         url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
         md5="eb9058c3a382ffc7106e4002c42a8d85",
     ),
@@ -132,7 +134,11 @@ def _locate(root: Path, spec: _CifarSpec) -> tuple[str, Path] | None:
 
 
 def load_cifar(
-    name: str, data_dir: str | os.PathLike | None = None, *, download: bool = False
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    download: bool = False,
+    official_normalization: bool = False,
 ) -> Dataset:
     """CIFAR-10 (``name="cifar10"``) or CIFAR-100 (``"cifar100"``, fine labels).
 
@@ -140,7 +146,10 @@ def load_cifar(
     given directly as ``data_dir``, or else the tarball ``data_dir/cifar-10-python.tar.gz``
     (resp. ``cifar-100-python.tar.gz``) without extracting it. With ``download=True`` a
     missing tarball is downloaded (md5-verified). Images are ``(N, 32, 32, 3)`` float32,
-    scaled to [0, 1] and normalised per channel.
+    scaled to [0, 1] and normalised per channel with the mean and standard deviation of the
+    training images (``channel_stats``), or, with ``official_normalization=True``, with the
+    values of the official AGD code (``CIFAR_SPECS[name].official_mean``/``official_std``), for
+    runs that must match it.
     """
     if name not in CIFAR_SPECS:
         raise ValueError(f"unknown CIFAR dataset {name!r}; expected one of {sorted(CIFAR_SPECS)}")
@@ -165,10 +174,15 @@ def load_cifar(
 
     def assemble(batches):
         x = np.concatenate([b[0] for b in batches]).astype(np.float32) / 255.0
-        return normalize(x, spec.mean, spec.std), np.concatenate([b[1] for b in batches])
+        return x, np.concatenate([b[1] for b in batches])
 
     train_x, train_y = assemble(train)
     test_x, test_y = assemble(test)
+    if official_normalization:
+        mean, std = spec.official_mean, spec.official_std
+    else:
+        mean, std = channel_stats(train_x)
+    train_x, test_x = normalize(train_x, mean, std), normalize(test_x, mean, std)
     return Dataset(
         train_x=train_x,
         train_y=train_y,
@@ -176,9 +190,18 @@ def load_cifar(
         test_y=test_y,
         num_classes=spec.num_classes,
         input_shape=(32, 32, 3),
-        mean=spec.mean,
-        std=spec.std,
+        mean=mean,
+        std=std,
     )
+
+
+def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation over every pixel of an NHWC array (float64 sums);
+    a channel that never varies gets std 1 rather than a division by zero."""
+    flat = images.reshape(-1, images.shape[-1]).astype(np.float64)
+    mean, std = flat.mean(axis=0), flat.std(axis=0)
+    std = np.where(std > 0, std, 1.0)
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
 def load_cifar10(data_dir: str | os.PathLike | None = None, *, download: bool = False) -> Dataset:

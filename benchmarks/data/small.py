@@ -18,8 +18,9 @@ MNIST1D_LENGTH = 40
 MNIST1D_CACHE = "mnist1d_default.npz"
 
 
-def load_digits(seed: int = 0) -> Dataset:
-    """scikit-learn's 8x8 digits: 1437 train / 360 test (stratified split by ``seed``).
+def load_digits(seed: int | None = None) -> Dataset:
+    """scikit-learn's 8x8 digits: 1437 train / 360 test (stratified split by ``seed``; None is
+    the standard split, seed 0).
 
     Pixels are scaled to [0, 1] (divided by 16), then normalised with the mean/std of
     the training split. Images have shape ``(N, 8, 8, 1)``.
@@ -31,7 +32,7 @@ def load_digits(seed: int = 0) -> Dataset:
     x = (digits.images.astype(np.float32) / 16.0)[..., None]
     y = digits.target.astype(np.int32)
     train_x, test_x, train_y, test_y = train_test_split(
-        x, y, test_size=DIGITS_NUM_TEST, stratify=y, random_state=seed
+        x, y, test_size=DIGITS_NUM_TEST, stratify=y, random_state=0 if seed is None else seed
     )
     mean = (float(train_x.mean()),)
     std = (float(train_x.std()),)
@@ -47,8 +48,9 @@ def load_digits(seed: int = 0) -> Dataset:
     )
 
 
-def generate_mnist1d() -> dict[str, np.ndarray]:
-    """Generate MNIST-1D with the ``mnist1d`` package's default arguments (no download).
+def generate_mnist1d(seed: int | None = None) -> dict[str, np.ndarray]:
+    """Generate MNIST-1D with the ``mnist1d`` package's default arguments (no download); with
+    ``seed``, the generator's seed instead of its default (42).
 
     Returns a dict with ``x`` (4000, 40), ``y``, ``x_test`` (1000, 40), ``y_test``. The
     generator reseeds Python's and NumPy's global RNGs; their states are restored here.
@@ -58,7 +60,10 @@ def generate_mnist1d() -> dict[str, np.ndarray]:
     # The generator uses the legacy global RNGs; save and restore them.
     py_state, np_state = random.getstate(), np.random.get_state()  # noqa: NPY002
     try:
-        raw = make_dataset(get_dataset_args())
+        args = get_dataset_args()
+        if seed is not None:
+            args.seed = seed
+        raw = make_dataset(args)
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)  # noqa: NPY002
@@ -80,21 +85,25 @@ def _check_mnist1d(arrays: dict[str, np.ndarray], source: str) -> None:
             )
 
 
-def load_mnist1d(data_dir: str | os.PathLike | None = None) -> Dataset:
+def load_mnist1d(data_dir: str | os.PathLike | None = None, seed: int | None = None) -> Dataset:
     """MNIST-1D (default generator arguments): 4000 train / 1000 test, x shape (N, 40, 1).
+
+    ``seed`` is the generator's seed (None: its default, the standard MNIST-1D); a different seed
+    gives a different draw of the whole dataset, train and test.
 
     The generator already standardises the signals (global mean 0, std 1), so no further
     normalisation is applied. With ``data_dir`` the arrays are cached in
-    ``data_dir/mnist1d/mnist1d_default.npz`` (and read from there next time); without it
-    nothing is written to disk.
+    ``data_dir/mnist1d/mnist1d_default.npz`` (with a seed, ``mnist1d_seed<N>.npz``) and read from
+    there next time; without it nothing is written to disk.
     """
-    cache = None if data_dir is None else Path(data_dir) / "mnist1d" / MNIST1D_CACHE
+    name = MNIST1D_CACHE if seed is None else f"mnist1d_seed{seed}.npz"
+    cache = None if data_dir is None else Path(data_dir) / "mnist1d" / name
     if cache is not None and cache.exists():
         with np.load(cache) as f:
             arrays = {k: f[k] for k in f.files}
         _check_mnist1d(arrays, str(cache))
     else:
-        arrays = generate_mnist1d()
+        arrays = generate_mnist1d() if seed is None else generate_mnist1d(seed)
         _check_mnist1d(arrays, "the mnist1d generator")
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
