@@ -45,7 +45,7 @@ class Hyper:
 class Row:
     """One row of the comparison's tables (``benchmarks.compare``)."""
 
-    label: str
+    label: str  # "" for the optimizer's own name.
     description: str
     gain: float = 1.0
     grid: tuple[float, ...] = ()  # Learning rates tuned over; empty: run at its defaults.
@@ -81,10 +81,25 @@ def _sgd(h: Hyper) -> optax.GradientTransformation:
     return tx
 
 
+def _wd(factory: Callable[..., optax.GradientTransformation]) -> Callable[[Hyper], Any]:
+    """A builder calling ``factory(lr, weight_decay=...)``."""
+    return lambda h: factory(h.lr, weight_decay=h.weight_decay)
+
+
+def _tuned(description: str, grid: tuple[float, ...]) -> tuple[Row, ...]:
+    return (Row("", description, grid=grid),)
+
+
+def _defaults(title: str) -> tuple[Row, ...]:
+    return (Row("", f"{title}, defaults"),)
+
+
 SGD_GRID = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 ADAM_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+LR_FREE = "learning-rate free; --lr multiplies"
 contrib = optax.contrib
 
+# name: Optimizer(build, description, default_lr, ...); a Row label "" is the optimizer's name.
 OPTIMIZERS: dict[str, Optimizer] = {
     "agd": Optimizer(
         lambda h: agd_optax.agd(h.gain, roles=_roles(h)),
@@ -96,65 +111,28 @@ OPTIMIZERS: dict[str, Optimizer] = {
             Row("agd_gain10", "AGD, gain 10", gain=10.0),
         ),
     ),
-    "sgd": Optimizer(
-        _sgd,
-        "SGD (--momentum, --weight-decay)",
-        default_lr=0.1,
-        compare=(Row("sgd_momentum", "SGD, momentum 0.9, tuned lr", grid=SGD_GRID),),
-    ),
-    "adam": Optimizer(
-        lambda h: optax.adam(h.lr),
-        "Adam",
-        default_lr=1e-3,
-        compare=(Row("adam", "Adam, tuned lr", grid=ADAM_GRID),),
-    ),
-    "adamw": Optimizer(
-        lambda h: optax.adamw(h.lr, weight_decay=h.weight_decay), "AdamW", default_lr=1e-3
-    ),
-    "nadamw": Optimizer(
-        lambda h: optax.nadamw(h.lr, weight_decay=h.weight_decay),
-        "NadamW",
-        default_lr=1e-3,
-        compare=(Row("nadamw", "NadamW (weight decay 0), tuned lr", grid=ADAM_GRID),),
-    ),
-    "prodigy": Optimizer(
-        lambda h: contrib.prodigy(h.lr, weight_decay=h.weight_decay),
-        "Prodigy (learning-rate free; --lr multiplies)",
-        default_lr=1.0,
-        compare=(Row("prodigy", "Prodigy, defaults"),),
-    ),
-    "dog": Optimizer(
-        lambda h: contrib.dog(h.lr, weight_decay=h.weight_decay or None),
-        "DoG (learning-rate free; --lr multiplies)",
-        default_lr=1.0,
-        compare=(Row("dog", "DoG, defaults"),),
-    ),
-    "dadapt_adamw": Optimizer(
-        lambda h: contrib.dadapt_adamw(h.lr, weight_decay=h.weight_decay),
-        "D-Adaptation AdamW (learning-rate free; --lr multiplies)",
-        default_lr=1.0,
-        compare=(Row("dadapt_adamw", "D-Adaptation AdamW, defaults"),),
-    ),
-    "cocob": Optimizer(
-        lambda h: contrib.cocob(h.lr, weight_decay=h.weight_decay),
-        "COCOB (learning-rate free; --lr multiplies)",
-        default_lr=1.0,
-        compare=(Row("cocob", "COCOB, defaults"),),
-    ),
+    "sgd": Optimizer(_sgd, "SGD (--momentum, --weight-decay)", 0.1,
+                     compare=(Row("sgd_momentum", "SGD, momentum 0.9, tuned lr", grid=SGD_GRID),)),
+    "adam": Optimizer(lambda h: optax.adam(h.lr), "Adam", 1e-3,
+                      compare=_tuned("Adam, tuned lr", ADAM_GRID)),
+    "adamw": Optimizer(_wd(optax.adamw), "AdamW", 1e-3),
+    "nadamw": Optimizer(_wd(optax.nadamw), "NadamW", 1e-3,
+                        compare=_tuned("NadamW (weight decay 0), tuned lr", ADAM_GRID)),
+    "prodigy": Optimizer(_wd(contrib.prodigy), f"Prodigy ({LR_FREE})", 1.0,
+                         compare=_defaults("Prodigy")),
+    "dog": Optimizer(lambda h: contrib.dog(h.lr, weight_decay=h.weight_decay or None),
+                     f"DoG ({LR_FREE})", 1.0, compare=_defaults("DoG")),
+    "dadapt_adamw": Optimizer(_wd(contrib.dadapt_adamw), f"D-Adaptation AdamW ({LR_FREE})", 1.0,
+                              compare=_defaults("D-Adaptation AdamW")),
+    "cocob": Optimizer(_wd(contrib.cocob), f"COCOB ({LR_FREE})", 1.0, compare=_defaults("COCOB")),
     "mechanize": Optimizer(
         lambda h: contrib.mechanize(optax.adam(h.lr), weight_decay=h.weight_decay),
-        "Mechanic on Adam (learning-rate free)",
-        default_lr=1e-3,
-        compare=(Row("mechanize", "Mechanic on Adam, defaults"),),
-    ),
+        "Mechanic on Adam (learning-rate free)", 1e-3, compare=_defaults("Mechanic on Adam")),
     "schedule_free_adamw": Optimizer(
-        lambda h: contrib.schedule_free_adamw(h.lr, weight_decay=h.weight_decay),
-        "Schedule-free AdamW (evaluated at its averaged point)",
-        default_lr=2.5e-3,
-        compare=(Row("schedule_free_adamw", "Schedule-free AdamW, defaults"),),
-        eval_params=contrib.schedule_free_eval_params,
-    ),
-}
+        _wd(contrib.schedule_free_adamw), "Schedule-free AdamW (evaluated at its averaged point)",
+        2.5e-3, compare=_defaults("Schedule-free AdamW"),
+        eval_params=contrib.schedule_free_eval_params),
+}  # fmt: skip
 
 
 def get(name: str) -> Optimizer:

@@ -31,7 +31,7 @@ class Entry:
 def _entries() -> tuple[Entry, ...]:
     """The table's rows, in the registry's order: each optimizer's ``compare`` rows."""
     return tuple(
-        Entry(row.label, name, row.gain, row.grid, row.description)
+        Entry(row.label or name, name, row.gain, row.grid, row.description)
         for name, spec in OPTIMIZERS.items()
         for row in spec.compare
     )
@@ -49,66 +49,44 @@ class Workload:
     config: dict[str, Any]
 
 
+def _fcn(name: str, title: str, dataset: str, **config: Any) -> Workload:
+    return Workload(name, title, dict(dataset=dataset, arch="fcn", **config))
+
+
+def _named(name: str, title: str, dataset: str, arch: str, **config: Any) -> Workload:
+    """An architecture of fixed depth at its own width."""
+    return Workload(name, title, dict(dataset=dataset, arch=arch, depth=None, width=None, **config))
+
+
+XENT, MSE = dict(loss="xent"), dict(loss="mse")
 SUITES: dict[str, tuple[Workload, ...]] = {
     "digits": (
-        Workload(
-            "digits_fcn",
-            "digits (8x8), FCN depth 3 width 256, cross-entropy",
-            dict(dataset="digits", arch="fcn", depth=3, width=256, loss="xent", epochs=40),
-        ),
+        _fcn("digits_fcn", "digits (8x8), FCN depth 3 width 256, cross-entropy", "digits",
+             depth=3, width=256, epochs=40, **XENT),
     ),
     "mnist1d": (
-        Workload(
-            "mnist1d_mlp",
-            "MNIST-1D, FCN depth 3 width 256, cross-entropy",
-            dict(dataset="mnist1d", arch="fcn", depth=3, width=256, loss="xent", epochs=60),
-        ),
-        Workload(
-            "mnist1d_cnn",
-            "MNIST-1D, CNN1D (3 convs of 32 channels + linear), cross-entropy",
-            dict(dataset="mnist1d", arch="cnn1d", depth=4, width=32, loss="xent", epochs=60),
-        ),
+        _fcn("mnist1d_mlp", "MNIST-1D, FCN depth 3 width 256, cross-entropy", "mnist1d",
+             depth=3, width=256, epochs=60, **XENT),
+        Workload("mnist1d_cnn", "MNIST-1D, CNN1D (3 convs of 32 channels + linear), cross-entropy",
+                 dict(dataset="mnist1d", arch="cnn1d", depth=4, width=32, epochs=60, **XENT)),
     ),
     # The paper's workloads (square loss and batch 128 on CIFAR; cross-entropy and batch 1024 on
     # ImageNet). They need the data on disk (--data-dir) and an accelerator.
     "cifar10": (
-        Workload(
-            "cifar10_fcn16",
-            "CIFAR-10, FCN depth 16 width 512, square loss",
-            dict(dataset="cifar10", arch="fcn", depth=16, width=512, loss="mse", epochs=200),
-        ),
-        Workload(
-            "cifar10_resnet18",
-            "CIFAR-10, ResNet-18, square loss",
-            dict(
-                dataset="cifar10", arch="resnet18", depth=None, width=None, loss="mse", epochs=200
-            ),
-        ),
+        _fcn("cifar10_fcn16", "CIFAR-10, FCN depth 16 width 512, square loss", "cifar10",
+             depth=16, width=512, epochs=200, **MSE),
+        _named("cifar10_resnet18", "CIFAR-10, ResNet-18, square loss", "cifar10", "resnet18",
+               epochs=200, **MSE),
     ),
     "cifar100": (
-        Workload(
-            "cifar100_vgg16",
-            "CIFAR-100, VGG-16, square loss",
-            dict(dataset="cifar100", arch="vgg16", depth=None, width=None, loss="mse", epochs=200),
-        ),
+        _named("cifar100_vgg16", "CIFAR-100, VGG-16, square loss", "cifar100", "vgg16",
+               epochs=200, **MSE),
     ),
     "imagenet": (
-        Workload(
-            "imagenet_resnet50",
-            "ImageNet, ResNet-50, cross-entropy, batch 1024",
-            dict(
-                dataset="imagenet",
-                arch="resnet50",
-                depth=None,
-                width=None,
-                loss="xent",
-                train_bs=1024,
-                test_bs=1024,
-                epochs=350,
-            ),
-        ),
+        _named("imagenet_resnet50", "ImageNet, ResNet-50, cross-entropy, batch 1024", "imagenet",
+               "resnet50", epochs=350, train_bs=1024, test_bs=1024, **XENT),
     ),
-}
+}  # fmt: skip
 
 
 def needs_data_dir(suite: str) -> bool:

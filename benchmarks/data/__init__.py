@@ -83,6 +83,14 @@ def _imagenet(data_dir, download, seed, **options):
     return load_imagenet(data_dir, **options)
 
 
+def _cifar(name: str, description: str) -> DatasetInfo:
+    def load(data_dir, download, seed, **options):
+        return load_cifar(name, data_dir, download=download, **options)
+
+    options = ("official_normalization",)
+    return DatasetInfo(load, description, downloadable=True, options=options, augment=augment_cifar)
+
+
 DATASETS: dict[str, DatasetInfo] = {
     "digits": DatasetInfo(
         lambda data_dir, download, seed: load_digits(seed),
@@ -102,24 +110,8 @@ DATASETS: dict[str, DatasetInfo] = {
         "MNIST, 60000 / 10000 images of 28x28",
         downloadable=True,
     ),
-    "cifar10": DatasetInfo(
-        lambda data_dir, download, seed, **o: load_cifar(
-            "cifar10", data_dir, download=download, **o
-        ),
-        "CIFAR-10, 50000 / 10000 images of 32x32x3",
-        downloadable=True,
-        options=("official_normalization",),
-        augment=augment_cifar,
-    ),
-    "cifar100": DatasetInfo(
-        lambda data_dir, download, seed, **o: load_cifar(
-            "cifar100", data_dir, download=download, **o
-        ),
-        "CIFAR-100 (fine labels), 50000 / 10000 images of 32x32x3",
-        downloadable=True,
-        options=("official_normalization",),
-        augment=augment_cifar,
-    ),
+    "cifar10": _cifar("cifar10", "CIFAR-10, 50000 / 10000 images of 32x32x3"),
+    "cifar100": _cifar("cifar100", "CIFAR-100 (fine labels), 50000 / 10000 images of 32x32x3"),
     "imagenet": DatasetInfo(
         _imagenet,
         "ImageNet (ILSVRC-2012) folders, streamed and decoded on the fly",
