@@ -91,6 +91,15 @@ def _cifar(name: str, description: str) -> DatasetInfo:
     return DatasetInfo(load, description, downloadable=True, options=options, augment=augment_cifar)
 
 
+def _text(name: str, description: str, bundled: bool = False) -> DatasetInfo:
+    def load(data_dir, download, seed, **options):
+        return load_text(name, data_dir, **options)
+
+    return DatasetInfo(
+        load, description + ", as bytes", bundled, options=("vocab",), task="language"
+    )
+
+
 DATASETS: dict[str, DatasetInfo] = {
     "digits": DatasetInfo(
         lambda data_dir, download, seed: load_digits(seed),
@@ -118,19 +127,8 @@ DATASETS: dict[str, DatasetInfo] = {
         options=("image_size", "resize_size", "num_workers", "num_threads"),
         streamed=True,
     ),
-    "pystdlib": DatasetInfo(
-        lambda data_dir, download, seed, **o: load_text("pystdlib", data_dir, **o),
-        "the Python standard library's source, as bytes (no download)",
-        bundled=True,
-        options=("vocab",),
-        task="language",
-    ),
-    "text": DatasetInfo(
-        lambda data_dir, download, seed, **o: load_text("text", data_dir, **o),
-        "a text file or a folder of them (--data-dir), as bytes",
-        options=("vocab",),
-        task="language",
-    ),
+    "pystdlib": _text("pystdlib", "the Python standard library's source (no download)", True),
+    "text": _text("text", "a text file or a folder of them (--data-dir)"),
 }
 
 
