@@ -10,17 +10,17 @@ from agd_optax._hypergradient import (
     learned_hyperparams,
 )
 from agd_optax._initializers import conv_init, dense_init, reinitialize, scaled_orthogonal
+from agd_optax._layouts import Layout, resolve_layouts
+from agd_optax._naming import infer_roles
+from agd_optax._pytorch import pytorch_roles
 from agd_optax._roles import (
-    Layout,
     Role,
     RoleError,
     bias,
     conv,
     dense,
     embedding,
-    infer_roles,
     norm,
-    resolve_layouts,
 )
 from agd_optax._trace import trace_roles
 
@@ -47,6 +47,7 @@ __all__ = [
     "learned_hyperparams",
     "nnx_roles",
     "norm",
+    "pytorch_roles",
     "reinitialize",
     "resolve_layouts",
     "scale_by_agd",

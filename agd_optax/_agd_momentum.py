@@ -15,7 +15,7 @@ from agd_optax._agd import (
     _mesh_axes_per_leaf,
 )
 from agd_optax._checks import check_gain, check_same_structure
-from agd_optax._roles import resolve_layouts
+from agd_optax._layouts import resolve_layouts
 
 __all__ = ["AGDMomentumState", "agd_momentum", "scale_by_agd_momentum"]
 

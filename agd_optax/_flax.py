@@ -8,15 +8,14 @@ from typing import Any
 
 import jax
 
+from agd_optax._naming import _Undecided, infer_role, raise_undecided, siblings_of
 from agd_optax._roles import (
     Role,
     RoleError,
-    _siblings,
     bias,
     conv,
     dense,
     embedding,
-    infer_role,
     norm,
     path_to_keys,
     path_to_str,
@@ -124,18 +123,18 @@ def nnx_roles(model: Any) -> Callable[[Any], Any]:
     def roles(params: Any) -> Any:
         flat, treedef = jax.tree_util.tree_flatten_with_path(params)
         all_keys = [path_to_keys(p) for p, _ in flat]
-        sib = _siblings(all_keys)
-        out = []
+        sib = siblings_of(all_keys, [tuple(x.shape) for _, x in flat])
+        out, undecided = [], []
         for keys, (_, x) in zip(all_keys, flat):
             role = known.get(keys)
             if role is None:
                 try:
                     role = infer_role(keys, tuple(x.shape), sib[keys[:-1]])
-                except RoleError as e:
-                    raise RoleError(
-                        f"{e} (the model has no known module at '{path_to_str(keys[:-1])}')"
-                    ) from None
+                except _Undecided as e:
+                    e.why += f" (the model has no module AGD knows at '{path_to_str(keys[:-1])}')"
+                    undecided.append(e)
             out.append(role)
+        raise_undecided(undecided)
         return jax.tree_util.tree_unflatten(treedef, out)
 
     return roles

@@ -8,7 +8,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from agd_optax._roles import Layout, Role, _weight_layout, as_role, resolve_layouts
+from agd_optax._layouts import Layout, _weight_layout, resolve_layouts
+from agd_optax._roles import Role, as_role
 
 __all__ = ["conv_init", "dense_init", "reinitialize", "scaled_orthogonal"]
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from agd_optax._roles import Layout
+from agd_optax._layouts import Layout
 
 # Above this G, eta = log((1 + sqrt(1 + 4 G)) / 2) is computed as log(G) / 2: they differ by
 # about 1 / (2 sqrt(G)) = 2**-51, and sqrt(4 G) would overflow float32 near G = 8.5e37.

@@ -23,7 +23,7 @@ def test_infers_flax_names():
     params = {
         "dense": {"kernel": jnp.zeros((3, 5)), "bias": jnp.zeros(5)},
         "conv": {"kernel": jnp.zeros((3, 3, 4, 8)), "bias": jnp.zeros(8)},
-        "conv3d": {"kernel": jnp.zeros((2, 3, 3, 4, 8))},
+        "conv3d": {"kernel": jnp.zeros((2, 3, 3, 4, 8)), "bias": jnp.zeros(8)},  # not stacked
         "embed": {"embedding": jnp.zeros((100, 16))},
         "ln": {"scale": jnp.ones(16), "bias": jnp.zeros(16)},
         "attn": {
@@ -215,8 +215,12 @@ def test_bad_role_arguments_raise():
 def test_plain_dict_roles_fit_an_nnx_state():
     model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.LayerNorm(4, rngs=nnx.Rngs(0)))
     state = nnx.state(model, nnx.Param)
-    roles = {"layers": {0: {"kernel": agd_optax.dense(1, 0), "bias": "bias"}, 1: "norm"}}
+    roles = {"layers": {0: {"kernel": agd_optax.dense(1, 0), "bias": "norm"}, 1: "norm"}}
     lay = agd_optax.resolve_layouts(state, roles)
     weight = next(x for x in lay if x.kind == "weight")
     assert weight.scale == pytest.approx(math.sqrt(3 / 4))  # read as (out, in): 4 -> 3
-    assert sorted(x.kind for x in lay) == ["bias", "norm", "norm", "weight"]
+    assert sorted(x.kind for x in lay) == ["norm", "norm", "norm", "weight"]
+    # As a bias, the (4,) leaf would not fit a kernel read as (out=3, in=4).
+    roles["layers"][0]["bias"] = "bias"
+    with pytest.raises(RoleError, match=r"'layers/0/bias'.*does not fit.*'layers/0/kernel'"):
+        agd_optax.resolve_layouts(state, roles)

@@ -192,6 +192,9 @@ def test_linen_scanned_blocks_get_the_update_of_unrolled_blocks():
         )
     chex.assert_trees_all_close(s_updates["head"], u_updates["head"], rtol=1e-5)
     np.testing.assert_allclose(s_eta, u_eta, rtol=1e-6)
+    # Names read the scanned attention and MLP kernels right, and refuse the stacked norms.
+    with pytest.raises(agd_optax.RoleError, match="blocks/ln1/scale(.|\n)*trace_roles"):
+        agd_optax.resolve_layouts(params[True])
 
 
 # A CNN with BatchNorm and a depthwise convolution, against hand-written roles ---------------

@@ -1,0 +1,252 @@
+"""Roles inferred from Flax's parameter names and shapes, only where those decide them.
+
+Flax names a Dense or Conv weight ``kernel``, an Embed table ``embedding``, a bias ``bias`` and a
+normalisation scale ``scale``; Linen names unnamed submodules after their class (``Dense_0``,
+``Conv_1``, ``LayerNorm_0``, ``ConvLocal_0``). From these alone:
+
+* a 2-axis ``kernel`` is a Dense kernel ``(in, out)``, unless its bias says ``(out, in)``;
+* a ``kernel`` under ``query``/``key``/``value`` is ``(in, heads, head_dim)`` and under ``out``
+  ``(heads, head_dim, out)``, any leading axes being stacked layers (``nn.scan``);
+* a ``kernel`` of a ``Dense_N`` or ``ConvLocal_N`` module is a dense weight, its leading axes
+  stacked layers (``ConvLocal``: one weight per output position, as it computes);
+* a 4-axis ``kernel`` is a 2-D Conv kernel ``(kh, kw, in, out)``, and a ``bias`` beside a kernel
+  tells how many leading axes are stacked layers (its shape is ``(*stack, out)``);
+* an ``embedding`` is a table ``(num_embeddings, features)``;
+* a ``bias`` beside a ``kernel`` or ``embedding`` moves with it; a 1-axis ``bias`` beside a
+  ``scale``, or in a ``LayerNorm_N``/``BatchNorm_N``/... module, and a 1-axis ``scale``, are
+  norm-layer parameters.
+
+Everything else is undecidable from names: a 3-axis kernel (1-D conv, DenseGeneral or stacked
+Dense), a conv kernel with one input channel (Flax stores depthwise convolutions that way), a
+5-axis kernel without a bias, a kernel under an attention-named module that is not
+``query``/``key``/``value``/``out`` (a fused ``qkv`` projection), a scale with several axes (a
+stacked norm), a bias with no weight beside it. Those raise one :class:`RoleError` that lists
+every such leaf with what would fix it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from agd_optax._roles import (
+    Role,
+    RoleError,
+    _shape,
+    bias,
+    conv,
+    dense,
+    embedding,
+    norm,
+    path_to_keys,
+    path_to_str,
+)
+
+__all__ = ["infer_role", "infer_roles", "raise_undecided"]
+
+_ATTENTION_IN = ("query", "key", "value")
+_ATTENTION_OUT = ("out",)
+_NORM_CLASSES = ("LayerNorm", "BatchNorm", "GroupNorm", "RMSNorm", "InstanceNorm")
+_LINEN_AUTONAME = re.compile(r"^([A-Za-z]+)_\d+$")
+
+_FIX = (
+    "Read the roles off the model instead: agd_optax.trace_roles(forward_fn, params, *inputs) "
+    "for any model, agd_optax.nnx_roles(model) for an NNX model, agd_optax.pytorch_roles for a "
+    "PyTorch-layout tree; or give them explicitly: agd(roles=...) takes a pytree, a prefix pytree "
+    "or a callable of agd_optax.dense(), conv(), embedding(), bias(), norm()."
+)
+
+
+class _Undecided(RoleError):
+    """One leaf that names cannot decide: ``why`` and ``fix``."""
+
+    def __init__(self, path: str, shape: tuple[int, ...], why: str, fix: str):
+        self.path, self.shape, self.why, self.fix = path, shape, why, fix
+        super().__init__(f"cannot infer the AGD role of leaf '{path}' with shape {shape}: {why}")
+
+
+def raise_undecided(errors: Sequence[_Undecided]) -> None:
+    """Raises one RoleError listing every undecidable leaf, with what would fix each."""
+    if not errors:
+        return
+    lines = [f"  '{e.path}' {e.shape}: {e.why}; fix: {e.fix}" for e in errors]
+    raise RoleError(
+        f"cannot infer the AGD role of {len(errors)} leaves from their names:\n"
+        + "\n".join(lines)
+        + f"\n{_FIX}"
+    )
+
+
+def _linen_class(parent: str) -> str | None:
+    match = _LINEN_AUTONAME.match(parent)
+    return match.group(1) if match else None
+
+
+def _stack_from_bias(shape: tuple[int, ...], bias_shape: tuple[int, ...] | None) -> int | None:
+    """How many leading axes of a kernel are stacked layers, from its bias ``(*stack, out)``."""
+    if bias_shape is None or not bias_shape or bias_shape[-1] != shape[-1]:
+        return None
+    k = len(bias_shape) - 1
+    return k if bias_shape[:k] == shape[:k] and k <= len(shape) - 2 else None
+
+
+def infer_role(
+    keys: tuple[str, ...], shape: tuple[int, ...], siblings: dict[str, tuple[int, ...]]
+) -> Role:
+    """The role of a leaf from its path and shape, following Flax's naming conventions.
+
+    Args:
+      keys: the leaf's path as strings, e.g. ``("layers", "0", "kernel")``.
+      shape: the leaf's shape.
+      siblings: the other leaves of the same module, name to shape.
+
+    Raises:
+      RoleError: naming the path and what would fix it, when the names do not decide the role.
+    """
+    path = path_to_str(keys)
+    name = keys[-1] if keys else ""
+    parent = keys[-2] if len(keys) >= 2 else ""
+    cls = _linen_class(parent)
+    ndim = len(shape)
+
+    def fail(why: str, fix: str = "trace_roles, nnx_roles or an explicit role") -> _Undecided:
+        return _Undecided(path, shape, why, fix)
+
+    if name == "kernel":
+        return _kernel(keys, shape, siblings.get("bias"), cls, fail)
+    if name == "embedding":
+        if ndim == 2:
+            return embedding()
+        if cls == "Embed" and ndim > 2:
+            return embedding(stack_axes=tuple(range(ndim - 2)))
+        raise fail(
+            f"an embedding table has 2 axes (num_embeddings, features), this one {ndim}",
+            "embedding(stack_axes=...) for stacked tables",
+        )
+    if name == "bias":
+        if "kernel" in siblings or "embedding" in siblings:
+            return bias()
+        if ndim == 1 and ("scale" in siblings or cls in _NORM_CLASSES):
+            return norm()
+        if "weight" in siblings:
+            raise fail(
+                "a bias beside a 'weight' (PyTorch names)",
+                "agd(roles=agd_optax.pytorch_roles) for a PyTorch-layout tree",
+            )
+        if ndim > 1 and ("scale" in siblings or cls in _NORM_CLASSES):
+            raise fail(
+                "a norm-layer offset with several axes: stacked layers or several feature axes",
+                "norm(stack_axes=...) for stacked layers, norm() otherwise, or trace_roles",
+            )
+        raise fail(
+            "a bias with no 'kernel' or 'embedding' beside it: its weight is named otherwise or "
+            "is not in the tree",
+            "bias(owner='path/to/weight'), norm() for a norm layer without scale, or trace_roles",
+        )
+    if name == "scale":
+        if "kernel" in siblings:
+            raise fail("a 'scale' beside a 'kernel' is not a normalisation layer's")
+        if ndim == 1:
+            return norm()
+        raise fail(
+            "a norm-layer scale with several axes: stacked layers or several feature axes",
+            "norm(stack_axes=...) for stacked layers, norm() otherwise, or trace_roles",
+        )
+    if name == "weight":
+        raise fail(
+            "'weight' is not a Flax parameter name (it is PyTorch's, whose layout differs)",
+            "agd(roles=agd_optax.pytorch_roles) for a PyTorch-layout tree",
+        )
+    raise fail(
+        f"{name!r} is not a Flax parameter name AGD knows ('kernel', 'embedding', 'bias', 'scale')"
+    )
+
+
+def _kernel(keys, shape, bias_shape, cls, fail) -> Role:
+    ndim = len(shape)
+    parent = keys[-2] if len(keys) >= 2 else ""
+    if ndim < 2:
+        raise fail(f"a kernel with {ndim} axes matches no Flax layer")
+    if parent in _ATTENTION_IN + _ATTENTION_OUT and ndim >= 3:
+        n = ndim - 3  # Leading axes: stacked layers.
+        stack = tuple(range(n))
+        if parent in _ATTENTION_IN:
+            return dense(n, (n + 1, n + 2), stack_axes=stack)
+        return dense((n, n + 1), n + 2, stack_axes=stack)
+    if cls in ("Dense", "ConvLocal"):
+        return dense(ndim - 2, ndim - 1, stack_axes=tuple(range(ndim - 2)))
+    if cls in ("DenseGeneral", "Einsum", "ConvTranspose"):
+        raise fail(f"a {cls} kernel: its fan-in and fan-out axes are the module's settings")
+    if any(re.search("attn|attention|qkv|kv", k, re.I) for k in keys[:-1]) and ndim >= 3:
+        raise fail(
+            "a kernel with several axes under an attention module, not named query, key, value "
+            "or out: a fused projection or a stack, not a convolution",
+            "trace_roles, or dense(in_axes=..., out_axes=..., stack_axes=...)",
+        )
+    if ndim == 2:
+        if bias_shape is None or bias_shape == (shape[1],):
+            return dense()
+        if bias_shape == (shape[0],):
+            return dense(1, 0)  # The bias fixes the fan-out axis: PyTorch's (out, in) layout.
+        raise fail(f"its bias has shape {bias_shape}, which fits neither (in, out) nor (out, in)")
+    stack = _stack_from_bias(shape, bias_shape)
+    if bias_shape is not None and stack is None:
+        raise fail(
+            f"its bias {bias_shape} does not fit a Flax kernel (*stack, ..., in, out); a "
+            "PyTorch-layout or grouped kernel?"
+        )
+    if not stack:
+        if ndim == 3 and cls != "Conv":
+            raise fail(
+                "a 3-axis kernel may be a 1-D convolution (width, in, out), a multi-axis dense "
+                "kernel or a stack of dense kernels (scanned layers)",
+                "trace_roles, nnx_roles, conv() or dense(stack_axes=0)",
+            )
+        if ndim > 4 and stack is None:
+            raise fail(
+                f"a {ndim}-axis kernel may be a {ndim - 2}-D convolution or a stack of "
+                f"{ndim - 3}-D convolutions (scanned layers)",
+                "trace_roles, nnx_roles or conv(stack_axes=...)",
+            )
+        stack = 0
+    if ndim - 2 - stack == 0:
+        return dense(ndim - 2, ndim - 1, stack_axes=tuple(range(stack)))
+    if shape[-2] == 1 and shape[-1] > 1:
+        raise fail(
+            "a convolution kernel with one input channel per group: a depthwise convolution "
+            "(feature_group_count = channels) or a convolution of a one-channel input",
+            "trace_roles, nnx_roles, conv(groups=channels) or conv()",
+        )
+    return conv(stack_axes=tuple(range(stack)))
+
+
+def siblings_of(all_keys: Sequence[tuple[str, ...]], shapes) -> dict:
+    """Per module path, its leaves' names and shapes."""
+    out: dict[tuple[str, ...], dict[str, tuple[int, ...]]] = {}
+    for keys, shape in zip(all_keys, shapes):
+        out.setdefault(keys[:-1], {})[keys[-1] if keys else ""] = shape
+    return out
+
+
+def infer_roles(params: Any) -> Any:
+    """The pytree of roles that :func:`agd_optax.agd` infers for ``params`` from Flax's names
+    (for inspection, or as a starting point to edit).
+
+    Raises:
+      RoleError: one error listing every leaf whose role the names do not decide.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    all_keys = [path_to_keys(p) for p, _ in leaves]
+    shapes = [_shape(x) for _, x in leaves]
+    sib = siblings_of(all_keys, shapes)
+    roles, errors = [], []
+    for keys, shape in zip(all_keys, shapes):
+        try:
+            roles.append(infer_role(keys, shape, sib[keys[:-1]]))
+        except _Undecided as e:
+            errors.append(e)
+    raise_undecided(errors)
+    return jax.tree_util.tree_unflatten(treedef, roles)
