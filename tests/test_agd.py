@@ -181,3 +181,22 @@ def test_network_with_batchnorm_and_layernorm_trains():
             assert not np.allclose(after[name][leaf], before[name][leaf]), (
                 f"{name}/{leaf} did not move"
             )
+
+
+def test_clipping_before_agd_lowers_eta_and_keeps_the_direction():
+    import optax
+
+    params = {"a": {"kernel": jnp.ones((8, 4))}, "b": {"kernel": jnp.ones((4, 2))}}
+    grads = {"a": {"kernel": jnp.full((8, 4), 3.0)}, "b": {"kernel": jnp.full((4, 2), -2.0)}}
+    plain = agd_optax.agd()
+    clipped = optax.chain(optax.clip_by_global_norm(1.0), agd_optax.agd())
+    u_plain, s_plain = plain.update(grads, plain.init(params), params)
+    u_clip, s_clip = clipped.update(grads, clipped.init(params), params)
+    eta_plain = float(optax.tree.get(s_plain, "eta"))
+    eta_clip = float(optax.tree.get(s_clip, "eta"))
+    assert float(optax.tree.get(s_clip, "G")) < float(optax.tree.get(s_plain, "G"))
+    assert eta_clip < eta_plain
+    # Each layer's direction is unchanged; every update shrinks by eta_clip / eta_plain.
+    for k in ("a", "b"):
+        ratio = u_clip[k]["kernel"] / u_plain[k]["kernel"]
+        assert jnp.allclose(ratio, eta_clip / eta_plain, rtol=1e-5)
