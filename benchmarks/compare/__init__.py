@@ -15,9 +15,9 @@ SGD with momentum, Adam and NadamW are tuned over a log-spaced learning-rate gri
 is trained once on 80% of the training set and scored on the held-out 20%
 (``Config.validation_split``); the learning rate with the best final validation accuracy is then
 trained with every seed on the real train/test split. The test set is never looked at to choose.
-optax's learning-rate-free optimizers run at their defaults. Where a dataset's train/test split
-itself depends on the seed (scikit-learn's digits), the grid is run once per seed, on that seed's
-training set, so no choice ever sees examples that are test examples of the run it is used for.
+optax's learning-rate-free optimizers run at their defaults. The seeds vary the initialisation
+and the batch order; the train/test split is the data seed's (``Config.data_seed``, the standard
+split), the same for every seed, so one grid serves them all and never sees a test example.
 
 Modules: ``workloads`` (the table's optimizer rows and each suite's workloads), ``protocol``
 (grids, the choice of learning rate, a cell's runs, summaries), ``runner`` (one training run,
