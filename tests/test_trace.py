@@ -224,3 +224,53 @@ def test_benchmark_models_trace_like_nnx_roles(arch, shape, kw):
         {"weight", "bias"} if arch in ("fcn", "cnn1d") else {"weight", "bias", "norm"}
     )
     np.testing.assert_equal(len(traced), len(jax.tree.leaves(params)))
+
+
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unstacked", "stacked"])
+@pytest.mark.parametrize("tied", [False, True], ids=["head", "tied"])
+def test_benchmark_transformer_traces_like_its_explicit_roles(scan_layers, tied):
+    from benchmarks.models.transformer import Transformer, transformer_roles
+
+    model = nnx.eval_shape(
+        lambda: Transformer(
+            13,
+            context=6,
+            depth=2,
+            width=8,
+            heads=2,
+            bias=True,
+            tied=tied,
+            scan_layers=scan_layers,
+            rngs=nnx.Rngs(0),
+        )
+    )
+    gd, params, rest = nnx.split(model, nnx.Param, ...)
+    fn = lambda p, rest, x: nnx.merge(gd, p, rest)(x)  # noqa: E731
+    roles = agd_optax.trace_roles(fn, params, rest, jax.ShapeDtypeStruct((1, 6), jnp.int32))
+    traced = agd_optax.resolve_layouts(params, roles)
+    assert traced == agd_optax.resolve_layouts(params, transformer_roles(model))
+    if not tied:  # nnx_roles cannot see that a table is also the head.
+        assert traced == agd_optax.resolve_layouts(params, agd_optax.nnx_roles(model))
+
+
+def test_einsum_fusion_remat_cond_and_casts_are_followed():
+    params = {
+        "qkv": jnp.zeros((3, 2, 8, 4)),
+        "o": jnp.zeros((2, 4, 8)),
+        "w": jnp.zeros((8, 8)),
+        "b": jnp.zeros(8),
+        "c": jnp.zeros((8, 8)),
+    }
+
+    def fn(p, x, flag):
+        q, k, v = jnp.einsum("btd,sndh->sbtnh", x, p["qkv"].astype(jnp.bfloat16))
+        a = jax.nn.dot_product_attention(q, k, v).astype(jnp.float32)
+        h = jnp.einsum("btnh,nhd->btd", a, p["o"])
+        h = jax.checkpoint(lambda h: h @ p["w"] + p["b"][None, None])(h)
+        return jax.lax.cond(flag > 0, lambda h: h @ p["c"], lambda h: -(h @ p["c"]), h)
+
+    roles = agd_optax.trace_roles(fn, params, jnp.zeros((2, 5, 8)), jnp.zeros((), jnp.int32))
+    assert roles["qkv"] == agd_optax.dense(2, (0, 1, 3))  # one einsum: one fused weight
+    assert roles["o"] == agd_optax.dense((0, 1), 2)
+    assert roles["b"] == agd_optax.bias("w")
+    assert roles["c"] == agd_optax.dense(0, 1)
