@@ -249,7 +249,7 @@ def scale_by_agd(
         Flax's naming conventions; otherwise a pytree of roles matching the parameters, a prefix of
         it, or a callable mapping the parameters (``params`` in ``init``; ``params``, or the updates
         when ``params`` is not given, in ``update``) to one. ``agd_optax.nnx_roles(model)`` gives
-        the roles of an NNX model.
+        the roles of an NNX model, ``agd_optax.trace_roles(fn, params, x)`` those of any model.
       param_specs: only for ``update`` called inside ``jax.shard_map`` on parameter *shards*: the
         ``PartitionSpec`` of each parameter (a pytree or prefix pytree, like shard_map's
         ``in_specs``). AGD then reads each leaf's global shape and completes every norm with a

@@ -13,11 +13,13 @@ holds arrays, so each leaf is given a *role*:
 * ``bias(owner=None)``: a bias that moves with the weight of its own module.
 * ``norm()``: the scale or the offset of a normalisation layer.
 
-Any weight role may carry ``stack_axes``: leading axes along which independent weights are stacked
-(layers built with ``nnx.scan`` / ``nn.scan``, ``nnx.vmap``), each slice counting as one weight.
+Any weight role, and ``norm``, may carry ``stack_axes``: axes along which independent layers are
+stacked (``nnx.scan`` / ``nn.scan``, ``nnx.vmap``), each slice counting as one layer.
 
-Roles are inferred from Flax's naming conventions where that is unambiguous (:func:`infer_roles`),
-or given to :func:`agd_optax.agd` as a pytree, a prefix pytree, or a callable returning one, the way
+Roles are read from the computation (:func:`agd_optax.trace_roles`), from NNX module types
+(:func:`agd_optax.nnx_roles`), from a PyTorch-layout tree (:func:`agd_optax.pytorch_roles`), from
+Flax's names where those decide them (:func:`agd_optax.infer_roles`, the default), or given to
+:func:`agd_optax.agd` as a pytree, a prefix pytree, or a callable returning one, the way
 ``optax.partition`` takes its labels. A leaf whose role cannot be decided is an error naming its
 path, never a guess.
 """

@@ -220,6 +220,12 @@ def test_benchmark_models_trace_like_nnx_roles(arch, shape, kw):
     roles = agd_optax.trace_roles(fn, params, rest, x)
     traced = agd_optax.resolve_layouts(params, roles)
     assert traced == agd_optax.resolve_layouts(params, agd_optax.nnx_roles(model))
+    # Names read the same roles, or refuse (CNN1D: a 3-axis kernel may be a 1-D convolution).
+    if arch == "cnn1d":
+        with pytest.raises(RoleError, match="convs/0/kernel"):
+            agd_optax.resolve_layouts(params)
+    else:
+        assert agd_optax.resolve_layouts(params) == traced
     assert {lay.kind for lay in traced} == (
         {"weight", "bias"} if arch in ("fcn", "cnn1d") else {"weight", "bias", "norm"}
     )
@@ -274,3 +280,11 @@ def test_einsum_fusion_remat_cond_and_casts_are_followed():
     assert roles["o"] == agd_optax.dense((0, 1), 2)
     assert roles["b"] == agd_optax.bias("w")
     assert roles["c"] == agd_optax.dense(0, 1)
+
+
+def test_traced_roles_reinitialize_a_pytorch_layout_tree():
+    params = {"w": jnp.zeros((16, 4)), "b": jnp.ones(16)}
+    roles = agd_optax.trace_roles(lambda p, x: p["w"] @ x + p["b"], params, jnp.zeros(4))
+    new = agd_optax.reinitialize(jax.random.key(0), params, roles)
+    np.testing.assert_allclose(np.linalg.svd(new["w"], compute_uv=False), 2.0, rtol=1e-5)
+    np.testing.assert_array_equal(new["b"], params["b"])
