@@ -38,14 +38,6 @@ class _Constraint(NamedTuple):
     domain: str
 
 
-_SOFTPLUS_SHARPNESS = 1.0  # tau = this * the initial value, in the "softplus" constraint.
-
-
-def _softplus_to_raw(v: float) -> float:
-    tau = _SOFTPLUS_SHARPNESS * v
-    return tau * math.log(math.expm1(v / tau))
-
-
 # How each hyperparameter's value is made from the unconstrained coordinate the hyper-optimizer
 # moves. "squash" is the authors' clamp for Adam's betas: (tanh(r) + 1) / 2, i.e. sigmoid(2 r).
 _CONSTRAINTS = {
@@ -54,8 +46,8 @@ _CONSTRAINTS = {
         lambda r, v0: jnp.exp(r), math.log, lambda v: v > 0 and math.isfinite(v), "positive"
     ),
     "softplus": _Constraint(
-        lambda r, v0: (_SOFTPLUS_SHARPNESS * v0) * jax.nn.softplus(r / (_SOFTPLUS_SHARPNESS * v0)),
-        _softplus_to_raw,
+        lambda r, v0: v0 * jax.nn.softplus(r / v0),  # tau = v0, the initial value.
+        lambda v: v * math.log(math.expm1(1.0)),
         lambda v: v > 0 and math.isfinite(v),
         "positive",
     ),
@@ -107,7 +99,7 @@ def hypergradient(
     r"""Learns an optimizer's hyperparameters online by gradient descent on the training loss.
 
     ``base`` is a function of hyperparameters returning an optax transformation (``optax.sgd``,
-    ``lambda learning_rate, b1, b2: optax.adam(learning_rate, b1, b2)``, an
+    ``lambda learning_rate, b1, b2: optax.adam(learning_rate, b1, b2, eps_root=1e-16)``, an
     ``optax.inject_hyperparams(...)`` factory, or a :func:`hypergradient` itself); ``hyperparams``
     gives their initial values by name. With :math:`\theta = c(r)` the hyperparameters made from
     unconstrained coordinates :math:`r`, :math:`u_t(r)` the base update and :math:`g_t` the gradient
@@ -130,17 +122,27 @@ def hypergradient(
 
     Each hyperparameter stays in its valid range by construction (``constraints``):
 
-    * ``"exp"`` (the default for every name but the ones below): :math:`\theta = e^r`, positive;
-      the hyper-optimizer moves :math:`\log\theta`, so its step is relative;
+    * ``"softplus"`` (the default for every name but the ones below, e.g. step sizes):
+      :math:`\theta = \tau \log(1 + e^{r/\tau})` with :math:`\tau` the initial value. Above
+      :math:`\tau` it is nearly the identity, so the hyper-optimizer's step adds to the step size
+      as in the authors' SGD (where it is unconstrained); below it the moves shrink with
+      :math:`\theta`, which stays positive;
     * ``"squash"`` (the default for ``b1``, ``b2``, ``beta1``, ``beta2``, ``b3``, ``momentum``,
-      ``decay``): :math:`\theta = (\tanh r + 1)/2 \in (0, 1)`, the clamp the authors apply to Adam's
-      betas;
+      ``decay``): :math:`\theta = (\tanh r + 1)/2 \in (0, 1)`, the clamp the authors apply to
+      Adam's betas;
+    * ``"exp"``: :math:`\theta = e^r`, positive, moved on the log scale (relative steps; the
+      levels of :func:`hypergradient_tower` above the first);
     * ``"identity"``: :math:`\theta = r`, unconstrained (the authors' choice for SGD's step size).
 
     **Towers.** ``hyper_opt`` may itself be a :func:`hypergradient`: it then learns its own
     hyperparameters (e.g. the hyper-step size) from the hypergradient of the level below, to any
     height; the top is a plain optax transformation with a small fixed step. Its ``params`` are
     the unconstrained coordinates :math:`r`. See :func:`hypergradient_tower`.
+
+    The tangents must be finite where the update is: a base whose update takes a square root of
+    a quantity that can be exactly zero (Adam's second moment where a gradient is always zero,
+    with optax's default ``eps_root=0``) has an infinite derivative there and gives NaN
+    hyperparameters; give such bases a tiny ``eps_root`` (1e-16).
 
     Memory: the base state, plus one params-shaped tangent per learned hyperparameter (in the
     updates' dtype), plus a few scalars and the hyper-optimizer's state. Learning SGD's step size
@@ -153,8 +155,8 @@ def hypergradient(
         overwritten with the learned values before each base update.
       hyper_opt: the optax transformation updating the unconstrained coordinates from their
         hypergradients, e.g. ``optax.sgd(1e-5)``; or a :func:`hypergradient` for a taller tower.
-      constraints: optional, hyperparameter name -> ``"exp"``, ``"squash"`` or ``"identity"``,
-        overriding the defaults above.
+      constraints: optional, hyperparameter name -> ``"softplus"``, ``"squash"``, ``"exp"`` or
+        ``"identity"``, overriding the defaults above.
       **hyperparams: the initial value of every hyperparameter to learn, by the name ``base``
         takes it by. At least one.
 
@@ -179,6 +181,8 @@ def hypergradient(
       ...   w = optax.apply_updates(w, updates)
       >>> bool(optax.tree.get(state, "learning_rate") > 0.05), bool(loss(w) < 1e-3)
       (True, True)
+
+      (Plain SGD at 0.01 leaves a loss of 0.18 after the same 50 steps.)
 
     References:
       Chandra, Xie, Ragan-Kelley and Meijer, `Gradient Descent: The Ultimate Optimizer
