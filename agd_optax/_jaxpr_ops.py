@@ -97,7 +97,7 @@ class _WeightOps:
         kept = [a for a in range(len(op_shape)) if a not in dn.collapsed_slice_dims]
         if not operand.views:
             return [_Info(const=operand.const and indices.const)]
-        if all(out_shape[d] == 1 for d in batch_out):  # One slice: indexing, W[i].
+        if not batch_out:  # One slice, no index batch: indexing, W[i].
             views = []
             for v in operand.views:
                 axes: list[Axes] = [()] * len(out_shape)

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from agd_optax._jaxpr_ops import _EMPTY, _Info, _Use, _View
@@ -52,6 +53,11 @@ def trace_roles(fn: Callable[..., Any], params: Any, *args: Any, **kwargs: Any) 
     separate weights, a parameter added to a weight's output along its fan-out is that weight's
     bias, and a parameter applied to normalised activations is a normalisation-layer parameter
     (stacked ones normalised per slice).
+
+    An axis batched by ``vmap`` is a stack axis when the inputs are batched with it (each slice
+    sees its own inputs, as in an ensemble); a ``vmap`` over weights alone, all slices applied to
+    one shared input, computes one wider weight, and is read so (like a fused ``qkv`` kernel used
+    in one einsum: one weight whose fan-out is all its free axes).
 
     A parameter used several times the same way (a shared weight) is one weight. A table used
     both as an embedding lookup and as the output head (tied embeddings, ``x @ table.T``) is one
@@ -91,7 +97,7 @@ def trace_roles(fn: Callable[..., Any], params: Any, *args: Any, **kwargs: Any) 
         raise RoleError("trace_roles got an empty parameter tree")
     paths = [path_to_keys(p) for p, _ in flat]
     shapes = [tuple(int(d) for d in np.shape(x)) for _, x in flat]
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), params)
 
     inputs, in_def = jax.tree.flatten((args, kwargs))
     dynamic = [i for i, x in enumerate(inputs) if _is_array(x)]

@@ -288,3 +288,11 @@ def test_traced_roles_reinitialize_a_pytorch_layout_tree():
     new = agd_optax.reinitialize(jax.random.key(0), params, roles)
     np.testing.assert_allclose(np.linalg.svd(new["w"], compute_uv=False), 2.0, rtol=1e-5)
     np.testing.assert_array_equal(new["b"], params["b"])
+
+
+def test_a_lookup_of_one_id_is_still_a_lookup():
+    params = {"table": jnp.zeros((10, 4)), "w": jnp.zeros((4, 2))}
+    roles = agd_optax.trace_roles(
+        lambda p, ids: jnp.take(p["table"], ids, axis=0) @ p["w"], params, jnp.zeros((1, 1), int)
+    )
+    assert roles["table"] == agd_optax.embedding()
