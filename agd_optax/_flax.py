@@ -83,7 +83,9 @@ def nnx_roles(model: Any) -> Callable[[Any], Any]:
     parameters. Modules stacked by ``nnx.vmap`` (and run by ``nnx.scan``) have leading axes
     beyond their own parameter shapes: those are stack axes, each slice a separate layer, for
     norm-layer parameters too. Parameters of other modules are inferred from their names, as
-    without this helper.
+    without this helper. Module types do not say how a parameter is used: a table that is both
+    an embedding and the output head (``Embed.attend``) reads as an embedding here, and as the
+    head by :func:`agd_optax.trace_roles`, which reads the computation.
 
     Args:
       model: an ``nnx.Module``.
