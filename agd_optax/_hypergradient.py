@@ -163,7 +163,7 @@ def hypergradient(
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is :class:`HypergradientState`
       (extra arguments go to the base optimizer). ``optax.tree.get(state, "learning_rate")``
-      reads the learned value (in a tower, where every level has a step size, use
+      reads the learned value (in a tower whose levels share a name, use
       :func:`learned_hyperparams`).
 
     Raises:
@@ -312,6 +312,9 @@ def hypergradient_tower(
 
     So height 2 is ``hypergradient(base, hypergradient(optax.sgd, optax.sgd(meta),
     learning_rate=hyper))`` and each further level inserts one more learned SGD below the top.
+    Level k's step size is named ``learning_rate_level{k}`` in the state, so that
+    ``optax.tree.get(state, "learning_rate")`` reads the base's and
+    ``optax.tree.get(state, "learning_rate_level1")`` the first hyper level's.
 
     Args:
       base: a function of the hyperparameters returning an optax transformation.
@@ -328,8 +331,11 @@ def hypergradient_tower(
       >>> import jax.numpy as jnp, optax, agd_optax
       >>> tx = agd_optax.hypergradient_tower(optax.sgd, 3, learning_rate=0.1)
       >>> state = tx.init(jnp.zeros(3))
-      >>> [f"{level['learning_rate']:.0e}" for level in agd_optax.learned_hyperparams(state)]
-      ['1e-01', '1e-05', '1e+00']
+      >>> for level in agd_optax.learned_hyperparams(state):
+      ...   print({name: f"{value:.0e}" for name, value in level.items()})
+      {'learning_rate': '1e-01'}
+      {'learning_rate_level1': '1e-05'}
+      {'learning_rate_level2': '1e+00'}
     """
     if not isinstance(height, int) or isinstance(height, bool) or height < 0:
         raise ValueError(f"hypergradient_tower: height must be an integer >= 0, got {height!r}")
@@ -344,11 +350,12 @@ def hypergradient_tower(
         return base(**hyperparams)
     opt = optax.sgd(hyper_learning_rate if height == 1 else meta_learning_rate)
     for level in range(height - 1, 0, -1):
+        name = f"learning_rate_level{level}"  # One name per level: optax.tree.get finds each.
         opt = hypergradient(
-            optax.sgd,
+            lambda **step: optax.sgd(*step.values()),
             opt,
-            constraints={"learning_rate": "exp"},
-            learning_rate=hyper_learning_rate if level == 1 else meta_learning_rate,
+            constraints={name: "exp"},
+            **{name: hyper_learning_rate if level == 1 else meta_learning_rate},
         )
     return hypergradient(base, opt, constraints=constraints, **hyperparams)
 

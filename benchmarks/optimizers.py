@@ -49,6 +49,7 @@ class Row:
     description: str
     gain: float = 1.0
     grid: tuple[float, ...] = ()  # Learning rates tuned over; empty: run at its defaults.
+    options: tuple[tuple[str, Any], ...] = ()  # The optimizer's own options for this row.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +95,40 @@ def _defaults(title: str) -> tuple[Row, ...]:
     return (Row("", f"{title}, defaults"),)
 
 
+def _adam_with_eps_root(learning_rate, b1, b2):
+    """Adam with a tiny ``eps_root``: its square root stays differentiable where a gradient is
+    exactly zero, so the hypergradient of its betas is finite."""
+    return optax.adam(learning_rate, b1, b2, eps_root=1e-16)
+
+
+def _hypergradient(base, **initial: float) -> Callable[[Hyper], optax.GradientTransformation]:
+    """A builder of ``base`` whose hyperparameters a tower of ``hyper_height`` SGD levels learns,
+    from ``--lr`` and ``initial``; height 0 keeps them fixed (and logged, through
+    ``inject_hyperparams``)."""
+
+    def build(h: Hyper) -> optax.GradientTransformation:
+        if callable(h.lr):
+            raise ValueError(
+                "hypergradient optimizers learn their step size: use --schedule constant"
+            )
+        height = h.options["hyper_height"]
+        if height == 0:
+            return optax.inject_hyperparams(base)(learning_rate=h.lr, **initial)
+        return agd_optax.hypergradient_tower(
+            base, height, hyper_learning_rate=h.options["hyper_lr"], learning_rate=h.lr, **initial
+        )
+
+    return build
+
+
+HYPER_OPTIONS = (
+    Option("hyper_height", int, 1, "hypergradient: tower height (0: fixed hyperparameters)"),
+    Option("hyper_lr", float, 1e-5, "hypergradient: step size of the first hyper level"),
+)
+HYPER = "step size learned online by hypergradient descent; --lr: the initial step"
+# Chandra et al.'s implementation's defaults: SGD from 0.01, Adam from 0.001, hyper-step 1e-5.
+HYPER_ROW = "{}, {} from {}, hyper-step 1e-5, tower of height {}"
+
 SGD_GRID = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 ADAM_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 LR_FREE = "learning-rate free; --lr multiplies"
@@ -132,6 +167,18 @@ OPTIMIZERS: dict[str, Optimizer] = {
         _wd(contrib.schedule_free_adamw), "Schedule-free AdamW (evaluated at its averaged point)",
         2.5e-3, compare=_defaults("Schedule-free AdamW"),
         eval_params=contrib.schedule_free_eval_params),
+    "hypergradient-sgd": Optimizer(
+        _hypergradient(optax.sgd), f"SGD, {HYPER}", 0.01, logged=("learning_rate",),
+        options=HYPER_OPTIONS,
+        compare=(
+            Row("hypergradient_sgd", HYPER_ROW.format("SGD", "step size", 0.01, 1)),
+            Row("hypergradient_sgd_h3", HYPER_ROW.format("SGD", "step size", 0.01, 3),
+                options=(("hyper_height", 3),)),
+        )),
+    "hypergradient-adam": Optimizer(
+        _hypergradient(_adam_with_eps_root, b1=0.9, b2=0.999), f"Adam, {HYPER} (betas too)", 1e-3,
+        logged=("learning_rate", "b1", "b2"), options=HYPER_OPTIONS,
+        compare=(Row("hypergradient_adam", HYPER_ROW.format("Adam", "step and betas", 0.001, 1)),)),
 }  # fmt: skip
 
 

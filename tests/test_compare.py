@@ -143,7 +143,7 @@ def test_quick_digits_suite_writes_table_plots_and_json(tmp_path):
     table = (out / "digits.md").read_text()
     assert "| agd | none (gain 1) |" in table and "| cocob | default |" in table
     assert "uv run python -m benchmarks.compare --suite digits --quick" in table
-    for name in ("digits_curves.png", "digits_compute.png"):
+    for name in ("digits_curves.png", "digits_compute.png", "digits_step_sizes.png"):
         assert (out / name).stat().st_size > 5000
     result = json.loads((out / "digits.json").read_text())
     (workload,) = result["workloads"]
@@ -169,3 +169,39 @@ def test_quick_digits_suite_writes_table_plots_and_json(tmp_path):
     assert compare.main(["--from-json", str(out / "digits.json"), "--out", str(redrawn)]) == 0
     assert "| agd | none (gain 1) |" in (redrawn / "digits.md").read_text()
     assert (redrawn / "digits_compute.png").stat().st_size > 5000
+
+    # A row trained later is added to the saved result, its command recorded with it.
+    added = ["--suite", "digits", "--quick", "--optimizers", "hypergradient_sgd"]
+    added += ["--add-to", str(out / "digits.json"), "--out", str(out)]
+    assert compare.main(added + ["--runs-dir", str(tmp_path / "runs2")]) == 0
+    table = (out / "digits.md").read_text()
+    assert "| agd | none (gain 1) |" in table
+    assert "| hypergradient_sgd | learned from 0.01, last epoch " in table
+    assert "Rows hypergradient_sgd added later" in table
+    result = json.loads((out / "digits.json").read_text())
+    labels = [c["label"] for c in result["workloads"][0]["cells"]]
+    assert labels == ["agd", "sgd_momentum", "cocob", "hypergradient_sgd"]
+    result["meta"]["seeds"] = 2  # Rows of another protocol are refused before any training.
+    (tmp_path / "other.json").write_text(json.dumps(result))
+    added[added.index("--add-to") + 1] = str(tmp_path / "other.json")
+    with pytest.raises(ValueError, match="seeds 2 differs"):
+        compare.main(added + ["--runs-dir", str(tmp_path / "runs3")])
+
+
+def test_sensitivity_study_writes_table_plot_and_json(tmp_path):
+    from benchmarks.compare import sensitivity
+
+    out = tmp_path / "results"
+    argv = ["--epochs", "1", "--lrs", "0.01,0.1", "--heights", "0,1", "--hyper-lrs", "1e-3"]
+    argv += ["--out", str(out), "--runs-dir", str(tmp_path / "runs")]
+    assert sensitivity.main(argv) == 0
+    table = (out / "hypergradient_sensitivity_digits_fcn.md").read_text()
+    assert "uv run python -m benchmarks.compare.sensitivity --epochs 1" in table
+    assert "| 0 (plain SGD, fixed step) | " in table and "| 1 (hyper-step 0.001) | " in table
+    result = json.loads((out / "hypergradient_sensitivity_digits_fcn.json").read_text())
+    assert len(result["records"]) == 4
+    fixed = [r for r in result["records"] if r["height"] == 0]
+    assert all(r["learned_lr"] == r["lr"] for r in fixed)
+    assert (out / "hypergradient_sensitivity_digits_fcn.png").stat().st_size > 5000
+    with pytest.raises(SystemExit):
+        sensitivity.parse_args(["--heights", "-1"])

@@ -326,7 +326,7 @@ def test_no_recompilation_and_stable_state_types():
     p, s2 = step(p, s1)  # Its own outputs fed back: their avals must be init's.
     p, s3 = step(p, s2)
     assert _avals(state0) == _avals(s1) == _avals(s3)
-    lr = [float(level["learning_rate"]) for level in agd_optax.learned_hyperparams(s3)]
+    lr = [float(v) for level in agd_optax.learned_hyperparams(s3) for v in level.values()]
     assert lr[0] != 1e-2 and all(np.isfinite(lr))
 
     # Under lax.cond (both branches must give the same state types).
@@ -346,10 +346,14 @@ def test_learned_hyperparams_readable():
     assert float(optax.tree.get(state, "momentum")) == pytest.approx(0.9)
     # Inside a chain, and in a tower: learned_hyperparams lists every level.
     chained = optax.chain(optax.clip_by_global_norm(1.0), _adam_tower(3))
-    levels = agd_optax.learned_hyperparams(chained.init(params))
-    assert [sorted(level) for level in levels] == [["b1", "learning_rate"]] + [
-        ["learning_rate"]
-    ] * 2
+    c_state = chained.init(params)
+    levels = agd_optax.learned_hyperparams(c_state)
+    names = [["b1", "learning_rate"], ["learning_rate_level1"], ["learning_rate_level2"]]
+    assert [sorted(level) for level in levels] == names
+    # The tower names each level's step size apart, so optax.tree.get reads every one.
+    assert float(optax.tree.get(c_state, "learning_rate")) == pytest.approx(1e-2)
+    assert float(optax.tree.get(c_state, "learning_rate_level1")) == pytest.approx(1e-4)
+    assert float(optax.tree.get(c_state, "learning_rate_level2")) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="found 0"):
         agd_optax.learned_hyperparams(optax.sgd(0.1).init(params))
 
@@ -416,7 +420,7 @@ def test_nnx_optimizer_trains_and_logs_the_step_size():
     assert losses[-1] < 0.5 * losses[0], losses
     levels = agd_optax.learned_hyperparams(nnx.as_pure(nnx.state(optimizer.opt_state)))
     assert float(levels[0]["learning_rate"]) > 0.05  # Learned upwards from a small start.
-    assert float(levels[1]["learning_rate"]) != 1e-2
+    assert float(levels[1]["learning_rate_level1"]) != 1e-2
 
 
 def test_sharded_parameters_match_unsharded():

@@ -201,3 +201,28 @@ def test_data_seed_draws_the_digits_split_and_is_refused_for_fixed_splits():
     assert not np.array_equal(load_data(Config(data_seed=1)).train_y, standard.train_y)
     with pytest.raises(ValueError, match="'cifar10' has a fixed train/test split"):
         Config(dataset="cifar10", data_seed=1).validate()
+
+
+def test_hypergradient_optimizers_log_their_learned_step_size(tmp_path):
+    options = {"hyper_height": 2, "hyper_lr": 1e-3}
+    _run(
+        tmp_path,
+        optimizer="hypergradient-sgd",
+        optimizer_options=options,
+        epochs=2,
+        max_steps_per_epoch=8,
+    )
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert all(r["learning_rate"] > 0 for r in rows)
+    assert rows[-1]["learning_rate"] != 0.01  # Learned from the default initial step.
+    # Height 0: SGD at the fixed step, logged the same way.
+    fixed = _run(tmp_path, "fixed", optimizer="hypergradient-sgd", lr=0.05,
+                 optimizer_options={"hyper_height": 0}, max_steps_per_epoch=3)  # fmt: skip
+    assert fixed["learning_rate"] == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="--schedule constant"):
+        _run(tmp_path, "cosine", optimizer="hypergradient-sgd", schedule="cosine")
+    with pytest.raises(ValueError, match="height must be an integer >= 0"):
+        _run(tmp_path, "bad", optimizer="hypergradient-sgd", optimizer_options={"hyper_height": -1})
+    config = train.parse_args(["--optimizer", "hypergradient-adam", "--hyper-height", "3"])
+    assert config.optimizer_options == {"hyper_height": 3, "hyper_lr": 1e-5}

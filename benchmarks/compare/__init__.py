@@ -25,7 +25,7 @@ recorded), ``report`` (markdown and JSON), ``plots``, ``cli`` (the command line)
 """
 
 from benchmarks.compare.cli import main, parse_args
-from benchmarks.compare.plots import plot_compute, plot_curves
+from benchmarks.compare.plots import plot_compute, plot_curves, plot_step_sizes
 from benchmarks.compare.protocol import (
     entries_for,
     grid_points,
@@ -55,6 +55,7 @@ __all__ = [
     "parse_grid",
     "plot_compute",
     "plot_curves",
+    "plot_step_sizes",
     "run_cell",
     "select_lr",
     "steps_to_target",

@@ -65,6 +65,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--verbose", action="store_true", help="show the per-epoch lines of every run")
     p.add_argument(
+        "--add-to",
+        default=None,
+        help="add the rows trained now (--optimizers) to a saved <suite>.json of the same suite "
+        "and seeds, recomputing its table and plots, instead of writing a new one",
+    )
+    p.add_argument(
         "--from-json",
         default=None,
         help="train nothing: redraw the table and plots of a saved <suite>.json into --out",
@@ -96,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import optax
 
     suite = args.suite
+    if args.add_to:  # Refuse before training anything.
+        _load_compatible(args.add_to, suite, args.seeds, hardware_description())
     workloads = list(SUITES[suite])
     if args.workloads:
         wanted = [w.strip() for w in args.workloads.split(",") if w.strip()]
@@ -166,5 +174,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     result["meta"]["suite_wall_s"] = time.perf_counter() - t_start
 
+    if args.add_to:
+        result = add_rows(result, args.add_to)
     write_outputs(result, args.out)
     return 0
+
+
+def _load_compatible(path: str, suite: str, seeds: int, hardware: str) -> dict[str, Any]:
+    """The saved result at ``path``, refused unless rows trained now are comparable with it."""
+    with open(path) as f:
+        base = json.load(f)
+    if base["suite"] != suite:
+        raise ValueError(f"--add-to {path} holds suite {base['suite']!r}, not {suite!r}")
+    for key, value in (("seeds", seeds), ("hardware", hardware)):
+        if base["meta"][key] != value:
+            raise ValueError(
+                f"--add-to {path}: its {key} {base['meta'][key]!r} differs from this run's "
+                f"{value!r}; the rows would not be comparable"
+            )
+    return base
+
+
+def add_rows(new: dict[str, Any], path: str) -> dict[str, Any]:
+    """The saved result at ``path`` with ``new``'s cells added (a cell of the same label is
+    replaced) and every workload's summary recomputed; the command is recorded with the rows."""
+    base = _load_compatible(path, new["suite"], new["meta"]["seeds"], new["meta"]["hardware"])
+    workloads = {w["name"]: w for w in base["workloads"]}
+    labels: list[str] = []
+    for w in new["workloads"]:
+        if w["name"] not in workloads:
+            raise ValueError(f"--add-to {path} has no workload {w['name']!r}")
+        target = workloads[w["name"]]
+        cells = {c["label"]: c for c in target["cells"]}
+        for cell in w["cells"]:
+            cells[cell["label"]] = cell
+            labels.append(cell["label"])
+        target["cells"] = list(cells.values())
+        target["summary"] = summarize(target["cells"])
+    base["meta"].setdefault("added", []).append(
+        {"command": new["meta"]["command"], "rows": sorted(set(labels))}
+    )
+    return base

@@ -23,6 +23,9 @@ _COLORS = {
     "cocob": "tab:gray",
     "mechanize": "tab:olive",
     "schedule_free_adamw": "black",
+    "hypergradient_sgd": "gold",
+    "hypergradient_sgd_h3": "darkgoldenrod",
+    "hypergradient_adam": "lime",
 }
 
 
@@ -119,3 +122,25 @@ def plot_curves(result: dict[str, Any], path: str) -> None:
 def plot_compute(result: dict[str, Any], path: str) -> None:
     title = "accuracy against the compute it cost (star AGD, square tuned)"
     _panels(result, path, title, _draw_compute)
+
+
+def _draw_step_sizes(ax, w: dict[str, Any], colors: list) -> None:
+    for color, cell in zip(colors, w["cells"]):
+        curves = [r["curve"] for r in cell["final_runs"]]
+        for key, what in (("eta", "eta"), ("learning_rate", "learned step")):
+            n = min(len(c) for c in curves) if curves else 0
+            if n == 0 or any(key not in r for c in curves for r in c[:n]):
+                continue
+            values = np.array([[r[key] for r in c[:n]] for c in curves], dtype=np.float64)
+            style = "-" if _is_agd(cell) else ":"
+            label = f"{cell['label']} ({what})"
+            ax.plot(np.arange(1, n + 1), values.mean(axis=0), style, color=color, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("step size, epoch mean (mean over seeds; log)")
+    ax.grid(alpha=0.3, which="both")
+
+
+def plot_step_sizes(result: dict[str, Any], path: str) -> None:
+    title = "AGD's eta (a relative step) and hypergradient's learned step size"
+    _panels(result, path, title, _draw_step_sizes)

@@ -6,7 +6,7 @@ import json
 import os
 from typing import Any
 
-from benchmarks.compare.plots import plot_compute, plot_curves
+from benchmarks.compare.plots import plot_compute, plot_curves, plot_step_sizes
 from benchmarks.optimizers import OPTIMIZERS
 from benchmarks.reporting import json_safe
 
@@ -15,6 +15,11 @@ def _lr_text(cell: dict[str, Any], s: dict[str, Any]) -> str:
     spec = OPTIMIZERS.get(cell["optimizer"])
     if spec is not None and not spec.takes_lr:
         return f"none (gain {cell['gain']:g})"
+    if cell["optimizer"].startswith("hypergradient"):
+        last = [r["curve"][-1].get("learning_rate") for r in cell["final_runs"] if r["curve"]]
+        last = [v for v in last if v is not None]
+        final = f", last epoch {sum(last) / len(last):.3g}" if last else ""
+        return f"learned from {spec.default_lr:g}{final}"
     if not cell["tuned"]:
         lr = s["chosen_lrs"][0]
         return "default" if lr is None else f"{lr:g} (fixed)"
@@ -35,6 +40,11 @@ def markdown(suite: str, result: dict[str, Any]) -> str:
         "",
         f"Command: `{meta['command']}`",
         "",
+        *[
+            f"Rows {', '.join(a['rows'])} added later on the same machine, same protocol: "
+            f"`{a['command']}`\n"
+            for a in meta.get("added", [])
+        ],
         f"Hardware: {meta['hardware']}; JAX {meta['jax']}, optax {meta['optax']}. "
         f"{meta['seeds']} seed(s) per final cell; learning-rate grids of "
         f"{meta['grid_description']}, each point trained once on 80% of the training set and "
@@ -78,7 +88,7 @@ def markdown(suite: str, result: dict[str, Any]) -> str:
 
 
 def write_outputs(result: dict[str, Any], out: str, write_json: bool = True) -> dict[str, str]:
-    """The table, the JSON and the two plots of a suite's result, under ``out``."""
+    """The table, the JSON and the three plots of a suite's result, under ``out``."""
     suite = result["suite"]
     os.makedirs(out, exist_ok=True)
     paths = {
@@ -86,6 +96,7 @@ def write_outputs(result: dict[str, Any], out: str, write_json: bool = True) -> 
         "json": os.path.join(out, f"{suite}.json"),
         "curves": os.path.join(out, f"{suite}_curves.png"),
         "compute": os.path.join(out, f"{suite}_compute.png"),
+        "step_sizes": os.path.join(out, f"{suite}_step_sizes.png"),
     }
     text = markdown(suite, result)
     with open(paths["markdown"], "w") as f:
@@ -96,6 +107,7 @@ def write_outputs(result: dict[str, Any], out: str, write_json: bool = True) -> 
             f.write("\n")
     plot_curves(result, paths["curves"])
     plot_compute(result, paths["compute"])
+    plot_step_sizes(result, paths["step_sizes"])
     print(text, flush=True)
     if not write_json:
         del paths["json"]

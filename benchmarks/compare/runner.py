@@ -36,6 +36,7 @@ class Runner:
         return Config(
             **values,
             optimizer=entry.optimizer,
+            optimizer_options=dict(entry.options),
             gain=entry.gain,
             lr=lr,
             seed=seed,

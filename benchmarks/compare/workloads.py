@@ -22,6 +22,7 @@ class Entry:
     gain: float = 1.0
     grid: tuple[float, ...] = ()
     description: str = ""
+    options: tuple[tuple[str, Any], ...] = ()  # The optimizer's own options (Config field).
 
     @property
     def tuned(self) -> bool:
@@ -31,7 +32,7 @@ class Entry:
 def _entries() -> tuple[Entry, ...]:
     """The table's rows, in the registry's order: each optimizer's ``compare`` rows."""
     return tuple(
-        Entry(row.label or name, name, row.gain, row.grid, row.description)
+        Entry(row.label or name, name, row.gain, row.grid, row.description, row.options)
         for name, spec in OPTIMIZERS.items()
         for row in spec.compare
     )
