@@ -37,6 +37,7 @@ class Hyper:
     momentum: float = 0.9
     gain: float = 1.0
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # Defaults filled in.
+    total_steps: int = 0  # Steps of the whole run (fixed schedules: warmup and decay).
     # AGD's leaf roles of the model, computed when called; None: inferred from parameter names.
     roles: Callable[[], Any] | None = None
 
@@ -180,6 +181,55 @@ OPTIMIZERS: dict[str, Optimizer] = {
         logged=("learning_rate", "b1", "b2"), options=HYPER_OPTIONS,
         compare=(Row("hypergradient_adam", HYPER_ROW.format("Adam", "step and betas", 0.001, 1)),)),
 }  # fmt: skip
+
+
+ALGOPERF_NADAMW_PEAK = 0.0017486387539278373
+
+
+def algoperf_nadamw_schedule(total_steps: int) -> optax.Schedule:
+    """The AlgoPerf self-tuning NadamW baseline's schedule: linear warmup from 0 over 2% of the
+    run, then cosine decay to 0 at its end."""
+    warmup = int(0.02 * total_steps)
+    return optax.join_schedules(
+        [
+            optax.linear_schedule(0.0, ALGOPERF_NADAMW_PEAK, warmup),
+            optax.cosine_decay_schedule(ALGOPERF_NADAMW_PEAK, max(total_steps - warmup, 1)),
+        ],
+        [warmup],
+    )
+
+
+def _algoperf_nadamw(h: Hyper) -> optax.GradientTransformation:
+    """NadamW with the AlgoPerf self-tuning baseline's settings and schedule: the full-budget
+    self-tuning baseline of mlcommons/algorithmic-efficiency
+    (reference_algorithms/qualification_baselines/self_tuning/jax_nadamw_full_budget.py)."""
+    return optax.nadamw(algoperf_nadamw_schedule(h.total_steps), b1=1.0 - 0.06733926164,
+                        b2=0.9955159689799007, eps=1e-8,
+                        weight_decay=0.08121616522670176)  # fmt: skip
+
+
+def _algoperf_schedule_free(h: Hyper) -> optax.GradientTransformation:
+    """Schedule-free AdamW with the settings of the AlgoPerf self-tuning track's winning
+    submission: lr 0.0025, b1 0.9, b2 0.99552, weight decay 0.0812, warmup over 2% of the run."""
+    return contrib.schedule_free_adamw(0.0025, warmup_steps=int(0.02 * h.total_steps), b1=0.9,
+                                       b2=0.99552, weight_decay=0.0812)  # fmt: skip
+
+
+OPTIMIZERS.update({
+    "agd_momentum": Optimizer(
+        lambda h: agd_optax.agd_momentum(h.gain, roles=_roles(h)),
+        "AGD with momentum: AGD's step along the average of recent gradients (--gain; no "
+        "learning rate)",
+        agd_init=True, logged=("eta",),
+        compare=(Row("agd_momentum", "AGD with momentum 0.9 (no setting)"),)),
+    "schedule_free_adamw_algoperf": Optimizer(
+        _algoperf_schedule_free, "Schedule-free AdamW, AlgoPerf self-tuning winner's settings",
+        compare=(Row("schedule_free_adamw_algoperf", "Schedule-free AdamW, AlgoPerf settings"),),
+        eval_params=contrib.schedule_free_eval_params),
+    "nadamw_algoperf": Optimizer(
+        _algoperf_nadamw, "NadamW, AlgoPerf self-tuning baseline's settings and schedule",
+        compare=(Row("nadamw_algoperf", "NadamW, AlgoPerf baseline settings and schedule"),)),
+})  # fmt: skip
 
 
 def get(name: str) -> Optimizer:

@@ -94,6 +94,7 @@ def make_tx(
         gain=config.gain,
         options=optimizers.resolve_options(config.optimizer, config.optimizer_options),
         roles=None if model is None else (lambda: agd_roles(config, model)),
+        total_steps=total_steps,
     )
     return spec.build(hyper)
 

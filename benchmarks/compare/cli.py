@@ -73,7 +73,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--from-json",
         default=None,
-        help="train nothing: redraw the table and plots of a saved <suite>.json into --out",
+        help="train nothing: redraw the table and plots of a saved <suite>.json into --out; "
+        "several comma-separated files of one suite are merged (rows added to each workload, a "
+        "later file's row replacing an earlier one's of the same label) and the merged JSON saved",
     )
     args = p.parse_args(argv)
     if args.from_json:
@@ -92,11 +94,40 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One suite's results from several runs of the program (for example one per subset of
+    ``--optimizers``): each workload's rows in order of first appearance, a later result's row
+    replacing an earlier one of the same label, and the summaries recomputed."""
+    suites = {r["suite"] for r in results}
+    if len(suites) != 1:
+        raise ValueError(f"--from-json: files of different suites {sorted(suites)} cannot merge")
+    merged = json.loads(json.dumps(results[0]))
+    merged["meta"]["command"] = " ; ".join(r["meta"]["command"] for r in results)
+    workloads = {w["name"]: w for w in merged["workloads"]}
+    for result in results[1:]:
+        for w in result["workloads"]:
+            if w["name"] not in workloads:
+                workloads[w["name"]] = w
+                merged["workloads"].append(w)
+                continue
+            cells = {c["label"]: c for c in workloads[w["name"]]["cells"]}
+            cells.update({c["label"]: c for c in w["cells"]})
+            workloads[w["name"]]["cells"] = list(cells.values())
+    for w in merged["workloads"]:
+        w["summary"] = summarize(w["cells"])
+    return merged
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.from_json:
-        with open(args.from_json) as f:
-            write_outputs(json.load(f), args.out, write_json=False)
+        paths = [p for p in args.from_json.split(",") if p]
+        results = []
+        for path in paths:
+            with open(path) as f:
+                results.append(json.load(f))
+        merged = merge_results(results) if len(results) > 1 else results[0]
+        write_outputs(merged, args.out, write_json=len(results) > 1)
         return 0
     import jax
     import optax

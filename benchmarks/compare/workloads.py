@@ -83,6 +83,14 @@ SUITES: dict[str, tuple[Workload, ...]] = {
         _named("cifar100_vgg16", "CIFAR-100, VGG-16, square loss", "cifar100", "vgg16",
                epochs=200, **MSE),
     ),
+    # Held out from the choice of agd_momentum (docs/agd_variants.md): a deeper MLP with biases
+    # (a CPU runs it), and a VGG on CIFAR-10-shaped generated images (an accelerator's job).
+    "heldout": (
+        _fcn("mnist1d_deep_mlp", "MNIST-1D, FCN depth 8 width 256 with biases, cross-entropy",
+             "mnist1d", depth=8, width=256, bias=True, epochs=60, **XENT),
+        Workload("shapes_vgg", "shapes (32x32x3, 10 classes), VGG-16 width 8, cross-entropy",
+                 dict(dataset="shapes", arch="vgg16", depth=None, width=8, epochs=15, **XENT)),
+    ),
     "imagenet": (
         _named("imagenet_resnet50", "ImageNet, ResNet-50, cross-entropy, batch 1024", "imagenet",
                "resnet50", epochs=350, train_bs=1024, test_bs=1024, **XENT),

@@ -31,6 +31,7 @@ from benchmarks.data.imagenet import (
     load_imagenet,
 )
 from benchmarks.data.mnist import MNIST_MEAN, MNIST_STD, load_mnist, parse_idx, read_idx
+from benchmarks.data.shapes import load_shapes
 from benchmarks.data.small import load_digits, load_mnist1d
 from benchmarks.data.text import TextData, load_text
 
@@ -113,6 +114,12 @@ DATASETS: dict[str, DatasetInfo] = {
         bundled=True,
         seeded=True,
         caches=True,
+    ),
+    "shapes": DatasetInfo(
+        lambda data_dir, download, seed: load_shapes(),
+        "shapes: CIFAR-10-shaped (32x32x3, 10 classes) images of shapes, 5000 train / 1000 test "
+        "(generated)",
+        bundled=True,
     ),
     "mnist": DatasetInfo(
         lambda data_dir, download, seed: load_mnist(data_dir, download=download),
