@@ -1,49 +1,236 @@
-"""Checkpoints of a run's state (parameters, optimizer state, BatchNorm statistics) with orbax.
+"""Verified checkpoints of a run's state (parameters, optimizer state, BatchNorm statistics).
 
-The surface: ``checkpoint_manager(workdir)`` opens ``<workdir>/checkpoints``;
-``save_checkpoint(manager, epoch, state)`` writes one epoch and waits for it;
-``restore_checkpoint(manager, state)`` returns the latest ``(epoch, state)`` with ``state``'s
-shardings, or None when there is none.
+``<workdir>/checkpoints/<epoch>/`` holds orbax's files for one epoch, ``epoch.json`` (that
+epoch's training metrics) and ``SHA256SUMS`` (``sha256sum -c`` reads it): a checksum of every
+other file, written last, once the checkpoint has been read back and found bit-identical to the
+state in memory. A checkpoint without it never finished saving.
+
+- ``save`` writes, verifies and only then rotates away older checkpoints (``keep`` are kept), so
+  a damaged or unfinished save never costs the last good one. Any failure (a read-only folder, a
+  full disk) raises ``CheckpointError`` with the path and the operating system's error.
+- ``restore`` takes the newest checkpoint whose checksums hold and that orbax can read, and
+  reports each newer one it had to pass over (and deletes it: its epoch is trained again).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
+import sys
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
-CHECKPOINT_DIR = "checkpoints"
+from benchmarks.workdir import write_atomic
 
-
-def checkpoint_manager(workdir: str):
-    import orbax.checkpoint as ocp
-
-    return ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
-        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
-    )
+SUMS_FILE = "SHA256SUMS"
+RECORD_FILE = "epoch.json"
 
 
-def save_checkpoint(manager, epoch: int, state: Any) -> None:
-    import orbax.checkpoint as ocp
-
-    leaves = {str(i): leaf for i, leaf in enumerate(jax.tree.leaves(state))}
-    manager.save(epoch, args=ocp.args.StandardSave(leaves))
-    manager.wait_until_finished()
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written, or no intact checkpoint could be read."""
 
 
-def restore_checkpoint(manager, state: Any) -> tuple[int, Any] | None:
-    """The latest saved epoch and state, or None when there is no checkpoint."""
-    import orbax.checkpoint as ocp
+def check_writable(directory: str) -> None:
+    """Fails now, not after an epoch of training, when ``directory`` cannot take checkpoints."""
+    probe = os.path.join(directory, f".write-test-{os.getpid()}")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot write checkpoints in {os.path.abspath(directory)}: {e}"
+        ) from e
 
-    epoch = manager.latest_step()
-    if epoch is None:
-        return None
-    leaves, treedef = jax.tree.flatten(state)
-    abstract = {
-        str(i): jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-        for i, x in enumerate(leaves)
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(directory: str) -> list[str]:
+    """Every file under ``directory`` but SHA256SUMS, as sorted relative paths."""
+    found = []
+    for root, _, names in os.walk(directory):
+        for name in names:
+            rel = os.path.relpath(os.path.join(root, name), directory)
+            if rel != SUMS_FILE:
+                found.append(rel)
+    return sorted(found)
+
+
+def _bits(x: jax.Array) -> jax.Array:
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        x = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
+    return x
+
+
+@jax.jit
+def _bitwise_equal(a: dict[str, jax.Array], b: dict[str, jax.Array]) -> jax.Array:
+    """Whether two trees hold the same bits (NaNs included)."""
+    same = [jnp.array_equal(_bits(a[k]), _bits(b[k])) for k in a]
+    return jnp.all(jnp.stack(same)) if same else jnp.array(True)
+
+
+def _as_leaves(state: Any) -> dict[str, Any]:
+    return {str(i): leaf for i, leaf in enumerate(jax.tree.leaves(state))}
+
+
+def _abstract(state: Any) -> dict[str, jax.ShapeDtypeStruct]:
+    return {
+        k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        for k, x in _as_leaves(state).items()
     }
-    restored = manager.restore(epoch, args=ocp.args.StandardRestore(abstract))
-    return epoch, jax.tree.unflatten(treedef, [restored[str(i)] for i in range(len(leaves))])
+
+
+class Checkpoints:
+    """The checkpoints folder of one run. Every process calls ``save`` and ``restore``; only
+    ``is_main`` (process 0) writes checksums, reports and deletes."""
+
+    def __init__(self, directory: str, is_main: bool = True, keep: int = 2):
+        import orbax.checkpoint as ocp
+
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.directory = os.path.abspath(directory)
+        self.is_main = is_main
+        self.keep = keep
+        self._checkpointer = ocp.StandardCheckpointer()
+
+    def close(self) -> None:
+        self._checkpointer.close()
+
+    def path(self, epoch: int) -> str:
+        return os.path.join(self.directory, str(epoch))
+
+    def steps(self) -> list[int]:
+        """The epochs with a checkpoint folder, intact or not, in increasing order."""
+        if not os.path.isdir(self.directory):
+            return []
+        return sorted(
+            int(name)
+            for name in os.listdir(self.directory)
+            if name.isdigit() and os.path.isdir(os.path.join(self.directory, name))
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # Verification.
+
+    def write_sums(self, epoch: int) -> None:
+        path = self.path(epoch)
+        lines = [f"{_sha256(os.path.join(path, rel))}  {rel}\n" for rel in _files(path)]
+        write_atomic(os.path.join(path, SUMS_FILE), "".join(lines))
+
+    def _has_sums(self, epoch: int) -> bool:
+        return os.path.exists(os.path.join(self.path(epoch), SUMS_FILE))
+
+    def damage(self, epoch: int) -> str | None:
+        """None when the checkpoint of ``epoch`` is intact, else what is wrong with it."""
+        path = self.path(epoch)
+        sums = os.path.join(path, SUMS_FILE)
+        if not os.path.exists(sums):
+            return f"no {SUMS_FILE}: its save never finished"
+        try:
+            with open(sums) as f:
+                entries = [line.rstrip("\n").split("  ", 1) for line in f if line.strip()]
+            if not entries or any(len(e) != 2 for e in entries):
+                return f"{SUMS_FILE} is malformed"
+            for digest, rel in entries:
+                file = os.path.join(path, rel)
+                if not os.path.exists(file):
+                    return f"{rel} is missing"
+                if _sha256(file) != digest:
+                    return f"{rel} does not match its checksum"
+        except (OSError, ValueError) as e:
+            return f"unreadable: {e}"
+        return None
+
+    # ----------------------------------------------------------------------------------------
+    # Save and restore.
+
+    def save(self, epoch: int, state: Any, record: dict[str, Any] | None = None) -> None:
+        """Writes the checkpoint of ``epoch``, reads it back, checks it bit for bit, writes its
+        checksums, then deletes all but the newest ``keep`` intact checkpoints."""
+        path = self.path(epoch)
+        leaves = _as_leaves(state)
+        if self.is_main:  # A folder orbax cannot write to would leave its threads waiting.
+            check_writable(self.directory)
+        try:
+            if self.is_main and os.path.lexists(path):
+                shutil.rmtree(path)  # An unfinished save of this epoch by an earlier process.
+            self._checkpointer.save(path, leaves)
+            self._checkpointer.wait_until_finished()
+            restored = self._checkpointer.restore(path, _abstract(state))
+            same = bool(_bitwise_equal(leaves, restored))
+            del restored
+            if not same:
+                raise CheckpointError("it reads back other values than those saved")
+            if self.is_main:
+                record = {"epoch": epoch} | (record or {})
+                write_atomic(os.path.join(path, RECORD_FILE), json.dumps(record) + "\n")
+                self.write_sums(epoch)
+        except Exception as e:
+            raise CheckpointError(
+                f"could not save the checkpoint of epoch {epoch} in {path}: {e}"
+            ) from e
+        if self.is_main:
+            self._rotate(epoch)
+
+    def _rotate(self, newest: int) -> None:
+        # Intact: verified when saved (checked again, in full, when restored).
+        intact = [s for s in self.steps() if s <= newest and self._has_sums(s)]
+        kept = set(intact[-self.keep :])
+        for step in self.steps():
+            if step < newest and step not in kept:
+                shutil.rmtree(self.path(step), ignore_errors=True)
+        for name in os.listdir(self.directory):  # Orbax's temporary folders of killed saves.
+            if ".orbax-checkpoint-tmp" in name:
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
+    def restore(self, state: Any) -> tuple[int, Any, dict[str, Any]] | None:
+        """``(epoch, state, record)`` of the newest intact checkpoint, with ``state``'s
+        shardings; None when there is no checkpoint at all. Raises ``CheckpointError`` when
+        there are checkpoints but none is intact."""
+        steps = self.steps()
+        passed_over = []
+        for epoch in reversed(steps):
+            problem = self.damage(epoch)
+            if problem is None:
+                try:
+                    restored = self._checkpointer.restore(self.path(epoch), _abstract(state))
+                    with open(os.path.join(self.path(epoch), RECORD_FILE)) as f:
+                        record = json.load(f)
+                except Exception as e:
+                    problem = f"it cannot be read: {e}"
+            if problem is not None:
+                passed_over.append(f"{self.path(epoch)}: {problem}")
+                if self.is_main:
+                    print(
+                        f"warning: checkpoint {self.path(epoch)} is damaged or unfinished "
+                        f"({problem}); trying the one before it",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                continue
+            if self.is_main:
+                for later in steps:
+                    if later > epoch:
+                        shutil.rmtree(self.path(later), ignore_errors=True)
+            leaves, treedef = jax.tree.flatten(state)
+            values = [restored[str(i)] for i in range(len(leaves))]
+            return epoch, jax.tree.unflatten(treedef, values), record
+        if steps:
+            raise CheckpointError(
+                "no intact checkpoint to resume from:\n  " + "\n  ".join(passed_over)
+            )
+        return None

@@ -69,11 +69,13 @@ class Config:
     data_seed: int | None = None  # The split of digits, the draw of MNIST-1D; None: standard.
     workdir: str | None = None
     resume: bool = False
+    overwrite: bool = False  # a new run may replace the run files already in workdir.
     checkpoint: bool = True  # orbax checkpoint after every epoch (needs workdir).
     progress: bool = True  # a progress bar per epoch.
     num_workers: int = 4  # ImageNet decoding processes.
     image_size: int = 224  # ImageNet crop size.
     max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests).
+    skip_nonfinite: int = 0  # skip up to this many non-finite steps in a row (0: stop at one).
     validation_split: float = 0.0  # hold out this fraction of train as the "test" set (tuning).
     shard_params: bool = False  # FSDP: split parameters and optimizer state over the devices.
     compute_dtype: str | None = None  # None: bfloat16 on accelerators, float32 on CPU.

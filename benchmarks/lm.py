@@ -13,6 +13,7 @@ from flax import nnx
 from benchmarks.config import Config
 from benchmarks.data.text import TextData
 from benchmarks.models.transformer import generate
+from benchmarks.workdir import write_atomic
 
 SAMPLES_FILE = "samples.txt"
 SAMPLE_PROMPT = 48  # Bytes of validation text each sample starts from.
@@ -38,8 +39,7 @@ def write_samples(path: str, model: nnx.Module, data: TextData, config: Config) 
             f"\n=== sample {i + 1}: prompt ===\n{data.decode(ids)}\n"
             f"=== sample {i + 1}: generated ===\n{data.decode(np.asarray(out))}\n"
         )
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("".join(parts))
+    write_atomic(path, "".join(parts))
     return path
 
 

@@ -125,7 +125,17 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument(
         "--resume", action="store_true", help="continue from the workdir's last checkpoint"
     )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the run already in the workdir"
+    )
     p.add_argument("--no-checkpoint", dest="checkpoint", action="store_false")
+    p.add_argument(
+        "--skip-nonfinite",
+        type=int,
+        default=d.skip_nonfinite,
+        metavar="N",
+        help="skip up to N steps in a row whose gradients are NaN or infinite (0: stop the run)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument(
         "--num-workers", type=int, default=d.num_workers, help="ImageNet decoding processes"

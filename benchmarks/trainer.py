@@ -116,6 +116,16 @@ def _opt_scalar(opt_state: Any, name: str, optimizer: str) -> jax.Array:
 # Steps.
 
 
+def _all_finite(tree: Any) -> jax.Array:
+    """Whether every floating-point value of ``tree`` is finite (one boolean)."""
+    leaves = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(_pure(tree))
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
 def _cast_floats(tree: Any, dtype) -> Any:
     def cast(x):
         return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
@@ -179,7 +189,18 @@ class Trainer:
 
         (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         optimizer.update(model, grads)
-        metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
+        # A step is finite when its loss and the state it leaves are; with skip_nonfinite, a
+        # step of non-finite gradients is skipped (its loss left out of the mean), not an error.
+        loss_finite = jnp.isfinite(loss)
+        finite = _all_finite(nnx.state((model, optimizer)))
+        if not self.config.skip_nonfinite:
+            finite = finite & loss_finite
+        metrics = {
+            "loss": jnp.where(loss_finite, loss, 0.0),
+            "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
+            "finite": finite,
+            "counted": loss_finite.astype(jnp.float32),
+        }
         for name in self.spec.logged:
             metrics[name] = _opt_scalar(optimizer.opt_state, name, self.config.optimizer)
         new_state = jax.lax.with_sharding_constraint(
@@ -222,6 +243,12 @@ class Trainer:
         """The trained model, in eval mode."""
         model, _ = nnx.merge(self.graphdef_eval, self.state)
         return model
+
+    def opt_value(self, name: str) -> jax.Array | None:
+        """A field of the optimizer state (``eta``, ``total_notfinite``), or None."""
+        _, optimizer = nnx.merge(self.graphdef_train, self.state)
+        found = optax.tree.get(_pure(optimizer.opt_state), name, None)
+        return None if found is None else jnp.asarray(found)
 
     def params(self) -> Any:
         model, _ = nnx.merge(self.graphdef_train, self.state)

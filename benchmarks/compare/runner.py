@@ -43,6 +43,7 @@ class Runner:
             validation_split=split,
             progress=False,
             checkpoint=False,
+            overwrite=True,  # The suite owns its run folders: a rerun replaces a run.
         ).validate()
 
     def run(

@@ -1,0 +1,252 @@
+"""The run folder contract and verified checkpoints: the parts that need no training."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import workdir as run_folder
+from benchmarks.checkpointing import (
+    SUMS_FILE,
+    CheckpointError,
+    Checkpoints,
+    check_writable,
+)
+from benchmarks.config import Config
+from benchmarks.workdir import RunFolderError, RunLock
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# --------------------------------------------------------------------------------------------------
+# Files.
+
+
+def test_write_atomic_replaces_or_leaves_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    run_folder.write_atomic(str(path), "old\n")
+    run_folder.write_atomic(str(path), "new\n")
+    assert path.read_text() == "new\n"
+
+    def fail(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="No space left"):
+        run_folder.write_atomic(str(path), "cut")
+    assert path.read_text() == "new\n"
+    assert os.listdir(tmp_path) == ["metrics.jsonl"]  # No temporary file left behind.
+
+
+def test_metrics_round_trip_and_a_bad_line_names_the_file(tmp_path):
+    rows = [{"epoch": 1, "train_loss": 0.5}, {"epoch": 2, "train_loss": 0.25}]
+    run_folder.write_metrics(str(tmp_path), rows)
+    assert run_folder.read_metrics(str(tmp_path)) == rows
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2, "tr')
+    with pytest.raises(RunFolderError, match=r"metrics.jsonl, line 2, is not JSON"):
+        run_folder.read_metrics(str(tmp_path))
+
+
+# --------------------------------------------------------------------------------------------------
+# One run per folder.
+
+
+def test_a_second_lock_on_a_folder_is_refused_and_names_the_holder(tmp_path):
+    with RunLock(str(tmp_path)):
+        with pytest.raises(RunFolderError, match=rf"in use by another run \(pid {os.getpid()}"):
+            RunLock(str(tmp_path))
+    RunLock(str(tmp_path)).release()  # Released: free again.
+
+
+def test_a_killed_run_leaves_no_stuck_lock(tmp_path):
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from benchmarks.workdir import RunLock; "
+            f"RunLock({str(tmp_path)!r}); print('locked', flush=True); time.sleep(600)",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunFolderError, match=f"pid {holder.pid}"):
+            RunLock(str(tmp_path))
+    finally:
+        holder.kill()  # SIGKILL: no clean-up runs.
+        holder.wait(timeout=60)
+    RunLock(str(tmp_path)).release()
+
+
+# --------------------------------------------------------------------------------------------------
+# The contract.
+
+
+def _saved_run(tmp_path, **values) -> str:
+    workdir = str(tmp_path / "run")
+    os.makedirs(os.path.join(workdir, "checkpoints", "1"))
+    run_folder.save_config(workdir, Config(workdir=workdir, **values))
+    run_folder.write_metrics(workdir, [{"epoch": 1}])
+    return workdir
+
+
+def test_a_new_run_refuses_a_folder_holding_another_run(tmp_path):
+    workdir = _saved_run(tmp_path)
+    with pytest.raises(
+        RunFolderError, match=r"holds another run \(config.json, metrics.jsonl, checkpoints/\)"
+    ) as e:
+        run_folder.check_run_folder(workdir, Config(workdir=workdir))
+    assert "--resume" in str(e.value) and "--overwrite" in str(e.value)
+    run_folder.check_run_folder(workdir, Config(workdir=workdir, overwrite=True))
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    run_folder.clear_run(workdir)
+    assert sorted(os.listdir(workdir)) == ["notes.txt"]  # Only the run's files go.
+    run_folder.check_run_folder(workdir, Config(workdir=workdir))  # Now free for a new run.
+
+
+def test_resume_refuses_changed_flags_in_one_message(tmp_path):
+    workdir = _saved_run(tmp_path, optimizer="sgd", lr=0.1, seed=0, loss="xent", augment=True)
+    new = Config(
+        workdir=workdir,
+        resume=True,
+        optimizer="sgd",
+        lr=0.2,
+        seed=3,
+        loss="mse",
+        augment=False,
+        num_workers=1,  # Does not change the computation: allowed.
+        epochs=80,  # A constant learning rate: more epochs continue the same run.
+    )
+    with pytest.raises(RunFolderError) as e:
+        run_folder.check_run_folder(workdir, new)
+    message = str(e.value)
+    assert message.startswith(f"cannot resume the run in {workdir}")
+    for line in (
+        "--lr          0.1 -> 0.2",
+        '--loss        "xent" -> "mse"',
+        "--seed        0 -> 3",
+    ):
+        assert line in message, message
+    assert "--no-augment  true -> false" in message
+    assert "num-workers" not in message and "epochs" not in message
+    assert "another --workdir" in message and "--overwrite instead of --resume" in message
+
+
+def test_resume_refuses_more_epochs_when_a_schedule_spans_them(tmp_path):
+    workdir = _saved_run(tmp_path, optimizer="sgd", schedule="cosine", epochs=10)
+    new = Config(workdir=workdir, resume=True, optimizer="sgd", schedule="cosine", epochs=20)
+    with pytest.raises(RunFolderError, match="--epochs  10 -> 20"):
+        run_folder.check_run_folder(workdir, new)
+    same = Config(workdir=workdir, resume=True, optimizer="sgd", schedule="cosine", epochs=10)
+    run_folder.check_run_folder(workdir, same)
+
+
+def test_resume_without_a_config_beside_checkpoints_is_refused(tmp_path):
+    workdir = _saved_run(tmp_path)
+    os.remove(os.path.join(workdir, "config.json"))
+    with pytest.raises(RunFolderError, match="no config.json"):
+        run_folder.check_run_folder(workdir, Config(workdir=workdir, resume=True))
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints.
+
+
+def _state(value: float) -> dict:
+    w = value + jax.random.normal(jax.random.key(0), (64, 32))
+    return {"w": w, "step": jnp.array(int(value), jnp.int32)}
+
+
+def _data_file(path: str) -> str:
+    """The largest file of a checkpoint (the arrays' bytes)."""
+    files = [
+        os.path.join(r, n)
+        for r, _, names in os.walk(path)
+        for n in names
+        if n not in (SUMS_FILE, "epoch.json")
+    ]
+    return max(files, key=os.path.getsize)
+
+
+def _damage(path: str, how: str) -> None:
+    if how == "no_sums":
+        os.remove(os.path.join(path, SUMS_FILE))
+        return
+    target = _data_file(path)
+    data = bytearray(open(target, "rb").read())
+    if how == "flip":
+        data[len(data) // 2] ^= 0xFF
+    elif how == "truncate":
+        data = data[: len(data) // 3]
+    elif how == "empty":
+        data = bytearray()
+    open(target, "wb").write(bytes(data))
+
+
+def test_checkpoints_are_verified_and_rotated_after_the_newer_one(tmp_path):
+    ckpt = Checkpoints(str(tmp_path / "checkpoints"), keep=2)
+    for epoch in (1, 2, 3):
+        ckpt.save(epoch, _state(epoch), {"train_loss": 1.0 / epoch})
+    assert ckpt.steps() == [2, 3]
+    assert all(ckpt.damage(s) is None for s in ckpt.steps())
+    sums = (tmp_path / "checkpoints" / "3" / SUMS_FILE).read_text()
+    assert "epoch.json" in sums and len(sums.splitlines()) > 3
+    epoch, state, record = ckpt.restore(_state(0.0))
+    assert epoch == 3 and record == {"epoch": 3, "train_loss": 1.0 / 3}
+    np.testing.assert_array_equal(state["w"], _state(3.0)["w"])
+    ckpt.close()
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate", "empty", "no_sums"])
+def test_a_damaged_newest_checkpoint_is_reported_and_the_one_before_used(tmp_path, capsys, how):
+    ckpt = Checkpoints(str(tmp_path / "checkpoints"), keep=2)
+    ckpt.save(1, _state(1.0))
+    ckpt.save(2, _state(2.0))
+    _damage(ckpt.path(2), how)
+    assert ckpt.damage(2) is not None
+    epoch, state, _ = ckpt.restore(_state(0.0))
+    assert epoch == 1
+    np.testing.assert_array_equal(state["w"], _state(1.0)["w"])
+    err = capsys.readouterr().err
+    assert f"checkpoint {ckpt.path(2)} is damaged or unfinished" in err
+    assert ckpt.steps() == [1]  # The damaged one goes: its epoch is trained again.
+    ckpt.close()
+
+
+def test_no_intact_checkpoint_is_an_error_listing_each(tmp_path):
+    ckpt = Checkpoints(str(tmp_path / "checkpoints"), keep=2)
+    ckpt.save(1, _state(1.0))
+    ckpt.save(2, _state(2.0))
+    _damage(ckpt.path(1), "flip")
+    _damage(ckpt.path(2), "empty")
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint(.|\n)*/2: (.|\n)*/1: "):
+        ckpt.restore(_state(0.0))
+    ckpt.close()
+
+
+def test_an_unwritable_checkpoint_folder_fails_at_once_with_the_path(tmp_path):
+    (tmp_path / "checkpoints").write_text("a file where the folder should be")
+    with pytest.raises(CheckpointError, match=str(tmp_path / "checkpoints")):
+        check_writable(str(tmp_path / "checkpoints"))
+    ckpt = Checkpoints(str(tmp_path / "checkpoints"))
+    with pytest.raises(
+        CheckpointError, match=r"could not save the checkpoint of epoch 1 in .*checkpoints/1"
+    ):
+        ckpt.save(1, _state(1.0))
+    ckpt.close()
+
+
+def test_checkpoints_compare_bits_so_nan_survives(tmp_path):
+    ckpt = Checkpoints(str(tmp_path / "checkpoints"))
+    state = {"w": jnp.array([jnp.nan, 1.0, -0.0]), "key": jax.random.key(0)}
+    ckpt.save(1, state)
+    _, restored, _ = ckpt.restore(state)
+    assert np.isnan(restored["w"][0]) and np.signbit(restored["w"][2])
+    ckpt.close()
+    assert json.loads((tmp_path / "checkpoints" / "1" / "epoch.json").read_text()) == {"epoch": 1}
