@@ -128,6 +128,9 @@ class Config:
         check(self.lr is None or self.lr > 0, f"lr must be > 0, got {self.lr}")
         check(0.0 <= self.validation_split < 1.0, "validation_split must be in [0, 1)")
         check(not self.resume or self.workdir is not None, "--resume needs --workdir")
+        check(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other")
+        check(self.checkpoint or not self.resume, "--resume needs checkpoints (no --no-checkpoint)")
+        check(self.skip_nonfinite >= 0, f"skip_nonfinite must be >= 0, got {self.skip_nonfinite}")
         check(
             self.compute_dtype in (None, "float32", "bfloat16", "float16"),
             f"compute_dtype {self.compute_dtype!r} is not float32, bfloat16 or float16",

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
+import traceback
 
 import jax
 
@@ -192,13 +194,39 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.parallel import initialize_distributed
 
         initialize_distributed(config.coordinator_address, config.num_processes, config.process_id)
-    from benchmarks.training import summary_line, train_and_evaluate
+    from benchmarks.checkpointing import CheckpointError
+    from benchmarks.training import NonFiniteError, summary_line, train_and_evaluate
+    from benchmarks.workdir import RunFolderError
 
-    final = train_and_evaluate(config)
+    try:
+        final = train_and_evaluate(config)
+    except (RunFolderError, CheckpointError, NonFiniteError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     if jax.process_index() == 0:
         print(summary_line(config, final), flush=True)
     return 0
 
 
+def _main_and_exit() -> None:
+    """Runs ``main`` as a program. A failure exits at once (``os._exit``): a checkpoint write
+    that failed can leave orbax's background threads waiting minutes for it."""
+    try:
+        code = main()
+    except SystemExit:
+        raise  # The command line was refused (argparse): nothing has started.
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        code = 130
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code:
+        os._exit(code)
+    sys.exit(0)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _main_and_exit()

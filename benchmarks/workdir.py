@@ -2,7 +2,8 @@
 
 ``<workdir>/config.json`` (the ``Config``), ``metrics.jsonl`` (one JSON line per epoch),
 ``summary.json`` (the final metrics), ``curves.png`` (``reporting.plot_curves``),
-``samples.txt`` (language models), ``checkpoints/`` (``checkpointing``) and ``.lock``. Only process 0 writes files.
+``samples.txt`` (language models), ``checkpoints/`` (``checkpointing``) and ``.lock``. Only
+process 0 writes files.
 
 The contract (``open_run``): one run per folder at a time (an OS lock on ``.lock``, released
 when the process ends, however it ends); a new run refuses a folder that holds another run's
