@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -122,15 +123,10 @@ class Config:
             check(not self.validation_split, "text datasets have their own validation split")
         check(self.loss in LOSSES, f"loss {self.loss!r} is not one of {LOSSES}")
         check(self.schedule in SCHEDULES, f"schedule {self.schedule!r} is not one of {SCHEDULES}")
-        check(self.train_bs >= 1 and self.test_bs >= 1, "batch sizes must be >= 1")
-        check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
-        check(self.gain > 0, f"gain must be > 0, got {self.gain}")
-        check(self.lr is None or self.lr > 0, f"lr must be > 0, got {self.lr}")
-        check(0.0 <= self.validation_split < 1.0, "validation_split must be in [0, 1)")
+        self._check_numbers(check)
         check(not self.resume or self.workdir is not None, "--resume needs --workdir")
         check(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other")
         check(self.checkpoint or not self.resume, "--resume needs checkpoints (no --no-checkpoint)")
-        check(self.skip_nonfinite >= 0, f"skip_nonfinite must be >= 0, got {self.skip_nonfinite}")
         check(
             self.compute_dtype in (None, "float32", "bfloat16", "float16"),
             f"compute_dtype {self.compute_dtype!r} is not float32, bfloat16 or float16",
@@ -144,6 +140,52 @@ class Config:
         except ValueError as e:
             check(False, str(e))
         return self
+
+    def _check_numbers(self, check) -> None:
+        """Every number in range, each error naming its flag (NaN and infinities refused)."""
+
+        def number(name: str, low: float, high: float = math.inf, **kw) -> None:
+            value = getattr(self, name)
+            if value is None and kw.get("optional"):
+                return
+            integer = kw.get("integer", False)
+            ok = isinstance(value, int) if integer else isinstance(value, int | float)
+            ok = ok and not isinstance(value, bool) and math.isfinite(value)
+            ok = ok and (value > low if kw.get("low_open") else value >= low)
+            ok = ok and (value < high if kw.get("high_open") else value <= high)
+            if not ok:
+                lower = ("> " if kw.get("low_open") else ">= ") + str(low)
+                upper = (
+                    "" if high == math.inf else (" and < " if kw.get("high_open") else " and <= ")
+                )
+                upper += "" if high == math.inf else str(high)
+                what = "an integer" if integer else "a finite number"
+                flag = "--" + name.replace("_", "-")
+                check(False, f"{flag} must be {what} {lower}{upper}, got {value!r}")
+
+        for name in ("train_bs", "test_bs", "epochs", "image_size"):
+            number(name, 1, integer=True)
+        number("gain", 0, low_open=True)
+        number("lr", 0, low_open=True, optional=True)
+        number("momentum", 0, 1, high_open=True)
+        number("weight_decay", 0)
+        number("warmup_epochs", 0, self.epochs)
+        number("validation_split", 0, 1, high_open=True)
+        number("max_steps_per_epoch", 0, integer=True, optional=True)  # 0: no cap.
+        number("num_workers", 0, integer=True)
+        number("skip_nonfinite", 0, integer=True)
+        for name in ("seed", "data_seed"):
+            number(name, 0, 2**32 - 1, integer=True, optional=name == "data_seed")
+        for name in ("width", "depth"):
+            number(name, 1, integer=True, optional=True)
+        number("num_processes", 1, integer=True, optional=True)
+        number("process_id", 0, integer=True, optional=True)
+        fixed = ARCHITECTURES[ALIASES.get(self.arch, self.arch)].fixed_depth
+        check(
+            fixed is None or self.depth in (None, fixed),
+            f"--depth: arch {self.arch!r} has a fixed depth ({fixed}), got {self.depth}; --depth "
+            f"applies to {', '.join(n for n, a in ARCHITECTURES.items() if a.fixed_depth is None)}",
+        )
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

@@ -20,7 +20,7 @@ import jax
 from benchmarks.config import ARCH_DEFAULTS, ARCHS, LOSSES, Config
 from benchmarks.data import DATASETS
 from benchmarks.data.text import VOCABS
-from benchmarks.models import ARCHITECTURES
+from benchmarks.models import ALIASES, ARCHITECTURES
 from benchmarks.optimizers import OPTIMIZERS, SCHEDULES, all_options
 
 
@@ -177,6 +177,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     defaults = ARCH_DEFAULTS.get(args.arch, {})
     names = [f.name for f in dataclasses.fields(Config) if f.name != "optimizer_options"]
     values = {name: getattr(args, name, defaults.get(name, getattr(d, name))) for name in names}
+    if ARCHITECTURES[ALIASES.get(args.arch, args.arch)].fixed_depth and "depth" not in args:
+        values["depth"] = None  # Fixed by the architecture; a --depth given is checked.
     values["optimizer_options"] = {
         name: getattr(args, f"opt_{name}")
         for name in all_options()

@@ -45,6 +45,7 @@ MAY_CHANGE_ON_RESUME = frozenset(
         "overwrite",
         "checkpoint",
         "progress",
+        "samples",  # Text generated once training is over.
         "num_workers",
         "shard_params",  # Where the state lives, not what it is.
         "distributed",
@@ -200,7 +201,9 @@ def run_files(workdir: str) -> list[str]:
 
 def _epochs_matter(config: Config) -> bool:
     """Whether the number of epochs enters the computation (a schedule over all the steps)."""
-    return config.optimizer != "agd" and config.schedule != "constant"
+    from benchmarks.optimizers import get
+
+    return get(config.optimizer).takes_lr and config.schedule != "constant"
 
 
 def changed_flags(saved: dict[str, Any], config: Config) -> list[tuple[str, Any, Any]]:
@@ -212,7 +215,11 @@ def changed_flags(saved: dict[str, Any], config: Config) -> list[tuple[str, Any,
         if name in MAY_CHANGE_ON_RESUME or (name == "epochs" and not _epochs_matter(config)):
             continue
         old_value = saved.get(name, defaults.get(name))
-        if name not in new:
+        if name == "optimizer_options" and isinstance(old_value, dict) and name in new:
+            for key in sorted(set(old_value) | set(new[name])):  # One flag per option.
+                if old_value.get(key) != new[name].get(key):
+                    changes.append((flag_name(key), old_value.get(key), new[name].get(key)))
+        elif name not in new:
             changes.append((flag_name(name), old_value, "(not a setting any more)"))
         elif old_value != new[name]:
             changes.append((flag_name(name), old_value, new[name]))

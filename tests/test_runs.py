@@ -236,9 +236,9 @@ def test_an_unwritable_checkpoint_folder_fails_at_once_with_the_path(tmp_path):
         check_writable(str(tmp_path / "checkpoints"))
     ckpt = Checkpoints(str(tmp_path / "checkpoints"))
     with pytest.raises(
-        CheckpointError, match=r"could not save the checkpoint of epoch 1 in .*checkpoints/1"
+        CheckpointError, match="cannot write checkpoints in .*checkpoints: .*File exists"
     ):
-        ckpt.save(1, _state(1.0))
+        ckpt.save(1, _state(1.0))  # Refused before orbax starts (whose threads would wait).
     ckpt.close()
 
 
@@ -250,3 +250,56 @@ def test_checkpoints_compare_bits_so_nan_survives(tmp_path):
     assert np.isnan(restored["w"][0]) and np.signbit(restored["w"][2])
     ckpt.close()
     assert json.loads((tmp_path / "checkpoints" / "1" / "epoch.json").read_text()) == {"epoch": 1}
+
+
+# --------------------------------------------------------------------------------------------------
+# Flags.
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lr", "-0.1"], "--lr must be a finite number > 0, got -0.1"),
+        (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+        (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+        (["--gain", "inf"], "--gain must be a finite number > 0, got inf"),
+        (["--momentum", "-0.5"], "--momentum must be a finite number >= 0 and < 1, got -0.5"),
+        (["--momentum", "1"], "--momentum must be a finite number >= 0 and < 1, got 1.0"),
+        (["--weight-decay=-1e-4"], "--weight-decay must be a finite number >= 0, got -0.0001"),
+        (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0, got nan"),
+        (["--warmup-epochs", "-1"], "--warmup-epochs must be a finite number >= 0 and <= 40"),
+        (["--warmup-epochs", "inf"], "--warmup-epochs must be a finite number >= 0"),
+        (["--max-steps-per-epoch", "-3"], "--max-steps-per-epoch must be an integer >= 0"),
+        (["--seed", "-1"], "--seed must be an integer >= 0 and <= 4294967295, got -1"),
+        (["--seed", str(2**40)], "--seed must be an integer >= 0 and <= 4294967295"),
+        (["--epochs", "0"], "--epochs must be an integer >= 1, got 0"),
+        (["--train-bs", "0"], "--train-bs must be an integer >= 1, got 0"),
+        (["--width", "0"], "--width must be an integer >= 1, got 0"),
+        (["--validation-split", "1"], "--validation-split must be a finite number >= 0 and < 1"),
+        (["--skip-nonfinite", "-1"], "--skip-nonfinite must be an integer >= 0, got -1"),
+        (["--num-workers", "-2"], "--num-workers must be an integer >= 0, got -2"),
+        (
+            ["--arch", "resnet18", "--depth", "34"],
+            "--depth: arch 'resnet18' has a fixed depth (18)",
+        ),
+        (["--workdir", "w", "--resume", "--overwrite"], "--resume and --overwrite exclude"),
+        (["--workdir", "w", "--resume", "--no-checkpoint"], "--resume needs checkpoints"),
+    ],
+)
+def test_flags_are_checked_when_parsed(flags, message, capsys):
+    from benchmarks import train
+
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(flags)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_depth_of_a_fixed_depth_arch_is_none_or_its_own():
+    from benchmarks import train
+
+    assert train.parse_args(["--arch", "resnet18"]).depth is None
+    assert train.parse_args(["--arch", "resnet18", "--depth", "18"]).depth == 18
+    assert train.parse_args(["--arch", "fcn", "--depth", "5"]).depth == 5
+    with pytest.raises(ValueError, match="--depth: arch 'resnet50' has a fixed depth"):
+        Config(arch="resnet50", depth=3).validate()
