@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from typing import Any
 
 from benchmarks.data import DATASETS
@@ -189,10 +188,6 @@ class Config:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
-
-    def save(self, workdir: str | os.PathLike) -> None:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(self.to_json() + "\n")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Config:
