@@ -56,11 +56,10 @@ def test_cli_defaults_follow_the_arch():
 
 def test_stacked_and_unstacked_give_the_same_loss_curve(tmp_path):
     def curve(scan_layers):
-        config = Config(
-            **TINY, bias=True, tied=True, scan_layers=scan_layers, workdir=str(tmp_path / "x")
-        )
+        workdir = tmp_path / f"scan_layers_{scan_layers}"  # One folder per run.
+        config = Config(**TINY, bias=True, tied=True, scan_layers=scan_layers, workdir=str(workdir))
         train_and_evaluate(config)
-        rows = (tmp_path / "x" / "metrics.jsonl").read_text().splitlines()
+        rows = (workdir / "metrics.jsonl").read_text().splitlines()
         return [(r["train_loss"], r["test_loss"]) for r in map(json.loads, rows)]
 
     flat = curve(False)
