@@ -26,6 +26,7 @@ _SAME = {
     "rev",
     "pad",
     "neg",
+    "stop_gradient",
     "optimization_barrier",
 }
 _BINARY = {"add", "add_any", "sub", "mul", "div"}

@@ -296,3 +296,11 @@ def test_a_lookup_of_one_id_is_still_a_lookup():
         lambda p, ids: jnp.take(p["table"], ids, axis=0) @ p["w"], params, jnp.zeros((1, 1), int)
     )
     assert roles["table"] == agd_optax.embedding()
+
+
+def test_stop_gradient_is_followed():
+    params = {"frozen": jnp.zeros((3, 4)), "head": jnp.zeros((4, 2))}
+    roles = agd_optax.trace_roles(
+        lambda p, x: x @ jax.lax.stop_gradient(p["frozen"]) @ p["head"], params, jnp.zeros((1, 3))
+    )
+    assert roles["frozen"] == agd_optax.dense(0, 1)
