@@ -253,7 +253,7 @@ def check_run_folder(workdir: str, config: Config) -> None:
                 "flags as a new run, choose another --workdir, or pass --overwrite instead of "
                 "--resume to delete that run and start over."
             )
-    elif found and not getattr(config, "overwrite", False):
+    elif found and not config.overwrite:
         raise RunFolderError(
             f"{workdir} holds another run ({', '.join(found)}). Pass --resume to continue it, "
             "--overwrite to delete it and start over, or choose another --workdir."
