@@ -14,7 +14,9 @@ from benchmarks.reporting import json_safe
 def _lr_text(cell: dict[str, Any], s: dict[str, Any]) -> str:
     spec = OPTIMIZERS.get(cell["optimizer"])
     if spec is not None and not spec.takes_lr:
-        return f"none (gain {cell['gain']:g})"
+        if spec.agd_init:  # AGD and its variants: no learning rate at all.
+            return f"none (gain {cell['gain']:g})"
+        return "fixed settings"  # One configuration for every workload (AlgoPerf's).
     if cell["optimizer"].startswith("hypergradient"):
         last = [r["curve"][-1].get("learning_rate") for r in cell["final_runs"] if r["curve"]]
         last = [v for v in last if v is not None]
