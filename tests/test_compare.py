@@ -205,3 +205,27 @@ def test_sensitivity_study_writes_table_plot_and_json(tmp_path):
     assert (out / "hypergradient_sensitivity_digits_fcn.png").stat().st_size > 5000
     with pytest.raises(SystemExit):
         sensitivity.parse_args(["--heights", "-1"])
+
+    # Rows run in parallel are merged without training; both commands are kept.
+    part = json.loads((out / "hypergradient_sensitivity_digits_fcn.json").read_text())
+    for r in part["records"]:
+        r["height"], r["hyper_lr"] = 2, 1e-4
+    part["meta"]["command"] = "uv run python -m benchmarks.compare.sensitivity --other"
+    (tmp_path / "part.json").write_text(json.dumps(part))
+    saved = str(out / "hypergradient_sensitivity_digits_fcn.json")
+    merged = tmp_path / "merged"
+    assert (
+        sensitivity.main(["--from-json", f"{saved},{tmp_path / 'part.json'}", "--out", str(merged)])
+        == 0
+    )
+    table = (merged / "hypergradient_sensitivity_digits_fcn.md").read_text()
+    assert "| 2 (hyper-step 0.0001) | " in table and "| 1 (hyper-step 0.001) | " in table
+    assert (
+        "--other` and `" not in table
+        and "` and `uv run python -m benchmarks.compare.sensitivity --other`" in table
+    )
+    assert "merged by `uv run python -m benchmarks.compare.sensitivity --from-json" in table
+    part["meta"]["seeds"] = 3
+    (tmp_path / "part.json").write_text(json.dumps(part))
+    with pytest.raises(ValueError, match="seeds differs"):
+        sensitivity.main(["--from-json", f"{saved},{tmp_path / 'part.json'}", "--out", str(merged)])

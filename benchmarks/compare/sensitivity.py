@@ -56,7 +56,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=None, help="override the workload's epochs")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
     p.add_argument("--runs-dir", default="runs")
+    p.add_argument(
+        "--from-json",
+        default=None,
+        help="train nothing: merge saved results (comma-separated JSON files of the same "
+        "workload, optimizer, seeds and machine, e.g. rows run in parallel) into --out",
+    )
     args = p.parse_args(argv)
+    if args.from_json:
+        return args
     args.heights = tuple(int(h) for h in args.heights.split(",") if h.strip())
     if not args.lrs or not args.heights or args.seeds < 1:
         p.error("--lrs, --heights and --seeds must be non-empty")
@@ -144,7 +152,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# Hypergradient towers: sensitivity to the initial step size ({result['workload']})",
         "",
-        f"Command: `{meta['command']}`",
+        f"Command: `{meta['command']}`"
+        + (f", merged by `{meta['merged_by']}`" if "merged_by" in meta else ""),
         "",
         f"Hardware: {meta['hardware']}; {meta['seeds']} seed(s) per cell; {result['title']}; "
         f"optimizer {meta['optimizer']}. Height 0 is SGD at the fixed initial step; height h "
@@ -193,18 +202,42 @@ def plot(result: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
+def merge(paths: Sequence[str], command: str) -> dict[str, Any]:
+    """Saved results of the same study merged into one; every command is kept."""
+    parts = []
+    for path in paths:
+        with open(path) as f:
+            parts.append(json.load(f))
+    first = parts[0]
+    for part, path in zip(parts[1:], paths[1:]):
+        for key in ("seeds", "hardware", "optimizer"):
+            if part["meta"][key] != first["meta"][key]:
+                raise ValueError(f"{path}: its {key} differs from {paths[0]}'s; not one study")
+        if part["workload"] != first["workload"]:
+            raise ValueError(f"{path}: workload {part['workload']!r}, not {first['workload']!r}")
+    commands = [c for part in parts for c in part["meta"]["command"].split("` and `")]
+    return {
+        **first,
+        "records": [r for part in parts for r in part["records"]],
+        "meta": {**first["meta"], "command": "` and `".join(commands), "merged_by": command},
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     command = "uv run python -m benchmarks.compare.sensitivity " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
     )
-    result = run(args)
-    result["meta"] = {
-        "command": command.strip(),
-        "hardware": hardware_description(),
-        "seeds": args.seeds,
-        "optimizer": args.optimizer,
-    }
+    if args.from_json:
+        result = merge([p for p in args.from_json.split(",") if p], command.strip())
+    else:
+        result = run(args)
+        result["meta"] = {
+            "command": command.strip(),
+            "hardware": hardware_description(),
+            "seeds": args.seeds,
+            "optimizer": args.optimizer,
+        }
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"hypergradient_sensitivity_{result['workload']}")
     with open(stem + ".json", "w") as f:
