@@ -183,12 +183,19 @@ def plot(result: dict[str, Any], path: str) -> None:
 
     cells = _cells(result)
     fig, (ax_acc, ax_lr) = plt.subplots(1, 2, figsize=(11, 4.2))
+    hyper_lrs = sorted({k for _, k in cells if k is not None})
     for (height, hyper_lr), by_lr in cells.items():
         lrs = sorted(by_lr)
-        style = "-" if height else "k--"
+        # Colour: the hyper-step; line and marker: the height (black dashes: plain SGD).
+        style = dict(color="black", ls="--", marker="o")
+        if height:
+            color = f"C{hyper_lrs.index(hyper_lr)}"
+            style = dict(
+                color=color, ls=("-", "--", ":")[(height - 1) % 3], marker="os^D"[height % 4]
+            )
         label = _row_name(height, hyper_lr)
-        ax_acc.plot(lrs, [by_lr[lr]["acc"] for lr in lrs], style, marker="o", label=label)
-        ax_lr.plot(lrs, [by_lr[lr]["lr"] for lr in lrs], style, marker="o", label=label)
+        ax_acc.plot(lrs, [by_lr[lr]["acc"] for lr in lrs], label=label, **style)
+        ax_lr.plot(lrs, [by_lr[lr]["lr"] for lr in lrs], label=label, **style)
     ax_acc.set(xscale="log", xlabel="initial step size", ylabel="final test accuracy")
     ax_lr.set(
         xscale="log", yscale="log", xlabel="initial step size", ylabel="step size in the last epoch"
