@@ -20,7 +20,14 @@ __all__ = ["AGDState", "agd", "scale_by_agd"]
 
 
 class AGDState(NamedTuple):
-    """State of :func:`scale_by_agd`: only what a user logs, no per-parameter buffers."""
+    """State of :func:`scale_by_agd`: only what a user logs, no per-parameter buffers.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, agd_optax
+      >>> state = agd_optax.agd().init({"dense": {"kernel": jnp.ones((4, 2))}})
+      >>> int(optax.tree.get(state, "count")), float(optax.tree.get(state, "eta"))
+      (0, 0.0)
+    """
 
     count: jax.Array  # shape=(), int32: number of updates made.
     eta: (

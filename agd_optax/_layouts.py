@@ -83,6 +83,12 @@ class Layout:
         biases and norm-layer parameters).
       owner: for a bias, the index (in flattening order) of the weight it moves with.
       in_axes, out_axes, groups: a weight's fan-in and fan-out axes and feature groups.
+
+    Example:
+      >>> import jax.numpy as jnp, agd_optax
+      >>> [lay] = agd_optax.resolve_layouts({"conv": {"kernel": jnp.zeros((3, 3, 16, 32))}})
+      >>> lay.kind, lay.spatial_axes, lay.count, round(lay.scale, 4)  # sqrt(32 / 16) / 3
+      ('weight', (0, 1), 1, 0.4714)
     """
 
     path: str
@@ -166,6 +172,12 @@ def resolve_layouts(params: Any, roles: Any = None) -> list[Layout]:
       RoleError: naming the leaf, for a leaf whose role is undecidable or does not fit its shape,
         a roles tree that does not match ``params``, or a bias without a weight to move with.
       TypeError: naming the leaf, for integer, boolean or complex leaves; ValueError for empty ones.
+
+    Example:
+      >>> import jax.numpy as jnp, agd_optax
+      >>> params = {"dense": {"kernel": jnp.zeros((4, 8)), "bias": jnp.zeros(8)}}
+      >>> [(lay.path, lay.kind, lay.owner) for lay in agd_optax.resolve_layouts(params)]
+      [('dense/bias', 'bias', 1), ('dense/kernel', 'weight', None)]
     """
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     if not flat:

@@ -237,6 +237,13 @@ def infer_roles(params: Any) -> Any:
 
     Raises:
       RoleError: one error listing every leaf whose role the names do not decide.
+
+    Example:
+      >>> import jax.numpy as jnp, agd_optax
+      >>> params = {"Dense_0": {"kernel": jnp.zeros((4, 8)), "bias": jnp.zeros(8)}}
+      >>> roles = agd_optax.infer_roles(params)
+      >>> roles["Dense_0"]["kernel"].kind, roles["Dense_0"]["bias"].kind
+      ('dense', 'bias')
     """
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     all_keys = [path_to_keys(p) for p, _ in leaves]

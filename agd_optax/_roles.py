@@ -55,7 +55,16 @@ _HELP = (
 
 
 class RoleError(ValueError):
-    """A leaf's AGD role is missing, ambiguous or does not fit the leaf."""
+    """A leaf's AGD role is missing, ambiguous or does not fit the leaf.
+
+    Example:
+      >>> import jax.numpy as jnp, agd_optax
+      >>> try:
+      ...   agd_optax.agd().init({"w": jnp.zeros((3, 3, 1, 8))})  # One input channel: depthwise?
+      ... except agd_optax.RoleError as e:
+      ...   print("RoleError:", str(e).splitlines()[1].strip()[:16])
+      RoleError: 'w' (3, 3, 1, 8)
+    """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +82,12 @@ class Role:
       groups: feature groups of a grouped convolution (``feature_group_count``).
       owner: for a bias, the path of the weight it moves with (a ``"/"``-joined string or a tuple of
         keys); ``None`` means the ``kernel`` (or ``embedding``) of the same module.
+
+    Example:
+      >>> import agd_optax
+      >>> role = agd_optax.dense(in_axes=1, out_axes=0)  # A PyTorch-layout (out, in) matrix.
+      >>> role.kind, role.in_axes, role.out_axes
+      ('dense', (1,), (0,))
     """
 
     kind: str
@@ -110,6 +125,13 @@ def dense(
     The defaults fit a Flax ``Dense``/``Linear`` kernel ``(d_in, d_out)``. For PyTorch-layout
     ``(d_out, d_in)`` matrices use ``dense(in_axes=1, out_axes=0)``; for a query projection
     ``(d_model, heads, head_dim)`` use ``dense(in_axes=0, out_axes=(1, 2))``.
+
+    Example:
+      >>> import jax.numpy as jnp, agd_optax
+      >>> params = {"w": jnp.zeros((64, 16))}  # (out, in)
+      >>> [lay] = agd_optax.resolve_layouts(params, {"w": agd_optax.dense(in_axes=1, out_axes=0)})
+      >>> round(lay.scale, 4)  # sqrt(d_out / d_in) = sqrt(64 / 16)
+      2.0
     """
     return Role(
         "dense",
@@ -133,6 +155,13 @@ def conv(
     A grouped kernel is treated as ``groups`` independent convolutions of
     ``in // groups -> out // groups`` channels, so ``s = sqrt(out / (groups * in_slice)) /
     sqrt(prod(spatial))`` where ``in_slice`` is the size of the stored fan-in axis.
+
+    Example:
+      >>> import jax.numpy as jnp, agd_optax
+      >>> params = {"k": jnp.zeros((3, 3, 1, 32))}  # A depthwise 3x3 convolution of 32 channels.
+      >>> [lay] = agd_optax.resolve_layouts(params, {"k": agd_optax.conv(groups=32)})
+      >>> round(lay.scale, 4)  # sqrt(1 / 1) / sqrt(9)
+      0.3333
     """
     return Role(
         "conv",
@@ -149,6 +178,12 @@ def embedding(*, stack_axes: int | Sequence[int] = ()) -> Role:
 
     AGD treats it as the dense map it is, ``one_hot(ids) @ table``: fan-in ``num_embeddings``,
     fan-out ``features``.
+
+    Example:
+      >>> import jax.numpy as jnp, agd_optax
+      >>> [lay] = agd_optax.resolve_layouts({"t": jnp.zeros((100, 25))}, {"t": agd_optax.embedding()})
+      >>> round(lay.scale, 4)  # One-hot(ids) @ table: sqrt(25 / 100)
+      0.5
     """
     return Role(
         "embedding", in_axes=(-2,), out_axes=(-1,), stack_axes=_axes(stack_axes, "stack_axes")
@@ -157,7 +192,15 @@ def embedding(*, stack_axes: int | Sequence[int] = ()) -> Role:
 
 def bias(owner: str | Sequence[str] | None = None) -> Role:
     """Role of a bias that moves with its module's weight (``owner``, by default the sibling
-    ``kernel`` or ``embedding`` leaf). Any shape: attention biases are ``(heads, head_dim)``."""
+    ``kernel`` or ``embedding`` leaf). Any shape: attention biases are ``(heads, head_dim)``.
+
+    Example:
+      >>> import jax.numpy as jnp, agd_optax
+      >>> params = {"weight": jnp.zeros((8, 4)), "b": jnp.zeros(8)}  # PyTorch layout, odd bias name.
+      >>> roles = {"weight": agd_optax.dense(1, 0), "b": agd_optax.bias(owner="weight")}
+      >>> [lay.kind for lay in agd_optax.resolve_layouts(params, roles)]
+      ['bias', 'weight']
+    """
     if isinstance(owner, str):
         owner = tuple(k for k in owner.split("/") if k)
     elif owner is not None:
@@ -170,6 +213,14 @@ def norm(*, stack_axes: int | Sequence[int] = ()) -> Role:
 
     ``stack_axes``: axes along which the parameters of stacked layers are stacked (``nn.scan``,
     ``nnx.vmap``); each slice is normalised on its own, as the unstacked layers would be.
+
+    Example:
+      >>> import jax.numpy as jnp, agd_optax
+      >>> params = {"ln": {"scale": jnp.ones((4, 32))}, "w": jnp.zeros((4, 32, 32))}
+      >>> roles = {"ln": {"scale": agd_optax.norm(stack_axes=0)}, "w": agd_optax.dense(stack_axes=0)}
+      >>> lay = agd_optax.resolve_layouts(params, roles)[0]  # 4 stacked LayerNorm scales.
+      >>> lay.kind, lay.stack_axes, lay.reduce_axes  # Normalised per layer.
+      ('norm', (0,), (1,))
     """
     return Role("norm", spatial_axes=None, stack_axes=_axes(stack_axes, "stack_axes"))
 
