@@ -3,7 +3,6 @@ kills, a second process, failing writes, failing evaluations and non-finite step
 
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -45,14 +44,15 @@ def reference(tmp_path_factory):
     return workdir, train_and_evaluate(_config(workdir))
 
 
-def _cli(args, **kwargs) -> subprocess.Popen:
+def _cli(args, prelude: str = "") -> subprocess.Popen:
+    """``python -m benchmarks.train`` with ``args``, after running ``prelude`` in the process."""
+    code = f"{prelude}\nimport runpy\nrunpy.run_module('benchmarks.train', run_name='__main__')"
     return subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.train", *CLI_TINY, *args],
+        [sys.executable, "-c", code, *CLI_TINY, *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        **kwargs,
     )
 
 
@@ -171,18 +171,18 @@ def test_skip_nonfinite_skips_the_step(tmp_path, monkeypatch):
     assert all(np.isfinite(r["train_loss"]) for r in rows) and np.isfinite(final["test_loss"])
 
 
-def _limit_file_size():
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # A write past the limit fails with EFBIG.
-    resource.setrlimit(resource.RLIMIT_FSIZE, (16_000, 16_000))
+# Files over 16 kB cannot be written; a write past the limit fails with EFBIG, not SIGXFSZ.
+LIMIT_FILE_SIZE = (
+    "import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+    "resource.setrlimit(resource.RLIMIT_FSIZE, (16_000, 16_000))"
+)
 
 
 def test_a_failed_checkpoint_write_exits_with_the_path_and_the_error(tmp_path):
     """Files over 16 kB cannot be written (as on a full disk): the first checkpoint fails, and
     the process exits non-zero instead of waiting on orbax's threads."""
     workdir = tmp_path / "run"
-    run = _cli(
-        ["--epochs", "3", "--width", "64", "--workdir", str(workdir)], preexec_fn=_limit_file_size
-    )
+    run = _cli(["--epochs", "3", "--width", "64", "--workdir", str(workdir)], LIMIT_FILE_SIZE)
     out = run.communicate(timeout=240)[0]
     assert run.returncode == 1, out
     assert (
