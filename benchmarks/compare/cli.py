@@ -107,15 +107,19 @@ def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for result in results[1:]:
         for w in result["workloads"]:
             if w["name"] not in workloads:
-                workloads[w["name"]] = w
-                merged["workloads"].append(w)
-                continue
-            cells = {c["label"]: c for c in workloads[w["name"]]["cells"]}
-            cells.update({c["label"]: c for c in w["cells"]})
-            workloads[w["name"]]["cells"] = list(cells.values())
-    for w in merged["workloads"]:
-        w["summary"] = summarize(w["cells"])
+                workloads[w["name"]] = {**w, "cells": []}
+                merged["workloads"].append(workloads[w["name"]])
+            _put_cells(workloads[w["name"]], w["cells"])
     return merged
+
+
+def _put_cells(workload: dict[str, Any], cells: Sequence[dict[str, Any]]) -> None:
+    """Adds ``cells`` to a saved workload's rows (one of the same label is replaced, keeping its
+    place) and recomputes the workload's summary."""
+    by_label = {c["label"]: c for c in workload["cells"]}
+    by_label.update({c["label"]: c for c in cells})
+    workload["cells"] = list(by_label.values())
+    workload["summary"] = summarize(workload["cells"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -235,13 +239,8 @@ def add_rows(new: dict[str, Any], path: str) -> dict[str, Any]:
     for w in new["workloads"]:
         if w["name"] not in workloads:
             raise ValueError(f"--add-to {path} has no workload {w['name']!r}")
-        target = workloads[w["name"]]
-        cells = {c["label"]: c for c in target["cells"]}
-        for cell in w["cells"]:
-            cells[cell["label"]] = cell
-            labels.append(cell["label"])
-        target["cells"] = list(cells.values())
-        target["summary"] = summarize(target["cells"])
+        _put_cells(workloads[w["name"]], w["cells"])
+        labels += [cell["label"] for cell in w["cells"]]
     base["meta"].setdefault("added", []).append(
         {"command": new["meta"]["command"], "rows": sorted(set(labels))}
     )
