@@ -15,6 +15,7 @@ from benchmarks.data import DATASETS
 from benchmarks.data.text import VOCABS
 from benchmarks.models import ALIASES, ARCHITECTURES
 from benchmarks.optimizers import OPTIMIZERS, SCHEDULES, resolve_options
+from benchmarks.rules import AGD_RULES
 
 ARCHS = (*ARCHITECTURES, *ALIASES)
 # What the transformer changes in the defaults (a small byte-level LM that trains in minutes on a
@@ -58,6 +59,7 @@ class Config:
     optimizer: str = "agd"
     optimizer_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # Its own options.
     gain: float = 1.0  # AGD only.
+    agd_rule: str = "default"  # AGD only: the roles rule of benchmarks.rules (1-D, embeddings).
     lr: float | None = None  # baselines: peak learning rate (None = the optimizer's usual default).
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only.
@@ -76,7 +78,8 @@ class Config:
     image_size: int = 224  # ImageNet crop size.
     max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests).
     skip_nonfinite: int = 0  # skip up to this many non-finite steps in a row (0: stop at one).
-    validation_split: float = 0.0  # hold out this fraction of train as the "test" set (tuning).
+    validation_split: float = 0.0  # hold out this fraction of train as the "test" set (tuning;
+    # for text, the last fraction of the training tokens, in place of the validation split).
     shard_params: bool = False  # FSDP: split parameters and optimizer state over the devices.
     compute_dtype: str | None = None  # None: bfloat16 on accelerators, float32 on CPU.
     distributed: bool = False  # call jax.distributed.initialize() (multi-process runs).
@@ -119,7 +122,6 @@ class Config:
                 f"eval_windows must be >= 1 or None, got {self.eval_windows}",
             )
             check(self.samples >= 0, f"samples must be >= 0, got {self.samples}")
-            check(not self.validation_split, "text datasets have their own validation split")
         check(self.loss in LOSSES, f"loss {self.loss!r} is not one of {LOSSES}")
         check(self.schedule in SCHEDULES, f"schedule {self.schedule!r} is not one of {SCHEDULES}")
         self._check_numbers(check)
@@ -129,6 +131,11 @@ class Config:
         check(
             self.compute_dtype in (None, "float32", "bfloat16", "float16"),
             f"compute_dtype {self.compute_dtype!r} is not float32, bfloat16 or float16",
+        )
+        check(self.agd_rule in AGD_RULES, f"agd_rule {self.agd_rule!r} is not one of {AGD_RULES}")
+        check(
+            self.agd_rule == "default" or self.optimizer == "agd",
+            f"agd_rule {self.agd_rule!r} applies to optimizer 'agd' only",
         )
         check(
             self.optimizer in OPTIMIZERS,

@@ -16,7 +16,8 @@ from benchmarks.data.text import TextData, eval_windows, random_windows
 
 def load_data(config: Config) -> Dataset | ImageNetData | TextData:
     """The dataset of ``config`` (``data.DATASETS``), given the Config fields named in its
-    ``options``, split by ``config.data_seed``, with a validation split if configured."""
+    ``options``, split by ``config.data_seed``, with a validation split if configured (for text:
+    the last part of the training tokens)."""
     fields = {f.name for f in dataclasses.fields(config)}
     options = {k: getattr(config, k) for k in DATASETS[config.dataset].options if k in fields}
     data = load_dataset(
@@ -26,6 +27,8 @@ def load_data(config: Config) -> Dataset | ImageNetData | TextData:
         seed=config.data_seed,
         **options,
     )
+    if config.validation_split and isinstance(data, TextData):
+        return text_validation_split(data, config.validation_split)
     if config.validation_split:
         if not isinstance(data, Dataset):
             raise ValueError(
@@ -34,6 +37,13 @@ def load_data(config: Config) -> Dataset | ImageNetData | TextData:
             )
         data = validation_split(data, config.validation_split)
     return data
+
+
+def text_validation_split(data: TextData, fraction: float) -> TextData:
+    """Hold out the last ``fraction`` of the training tokens as the validation set, so that
+    hyperparameters are tuned without reading the corpus's own validation split."""
+    n_val = max(1, int(round(fraction * data.train.shape[0])))
+    return dataclasses.replace(data, train=data.train[:-n_val], valid=data.train[-n_val:])
 
 
 def validation_split(data: Dataset, fraction: float) -> Dataset:

@@ -22,6 +22,7 @@ from benchmarks.data import DATASETS
 from benchmarks.data.text import VOCABS
 from benchmarks.models import ALIASES, ARCHITECTURES
 from benchmarks.optimizers import OPTIMIZERS, SCHEDULES, all_options
+from benchmarks.rules import AGD_RULES
 
 
 def _table(title: str, rows: dict[str, str]) -> str:
@@ -95,6 +96,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default=d.optimizer)
     p.add_argument(
         "--gain", type=float, default=d.gain, help="AGD's gain (1.0: the published algorithm)"
+    )
+    p.add_argument(
+        "--agd-rule",
+        choices=AGD_RULES,
+        default=d.agd_rule,
+        help="AGD's rule for 1-D parameters and embeddings (benchmarks.rules)",
     )
     p.add_argument("--lr", type=float, default=d.lr, help="baselines' peak learning rate")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)

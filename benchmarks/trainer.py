@@ -11,7 +11,7 @@ import optax
 from flax import nnx
 
 import agd_optax
-from benchmarks import optimizers, parallel
+from benchmarks import optimizers, parallel, rules
 from benchmarks.config import Config
 from benchmarks.input_pipeline import eval_batches
 from benchmarks.models import ALIASES, ARCHITECTURES, make_model
@@ -62,6 +62,9 @@ def build_model(config: Config, data) -> nnx.Module:
         params = nnx.state(model, nnx.Param)
         key = jax.random.fold_in(jax.random.key(config.seed), 1)
         nnx.update(model, agd_optax.reinitialize(key, params, agd_optax.nnx_roles(model)))
+    if config.agd_rule != "default":  # Weights whose role the rule changes, initialised by it.
+        key = jax.random.fold_in(jax.random.key(config.seed), 3)
+        rules.reinitialize_for_rule(config.agd_rule, config.arch, model, key, config.context)
     return model
 
 
@@ -81,6 +84,12 @@ def make_tx(
 ) -> optax.GradientTransformation:
     """The optax transformation of ``config.optimizer`` (``optimizers.OPTIMIZERS``), with the
     configured learning-rate schedule for optimizers that take a learning rate."""
+    if config.agd_rule != "default":  # AGD under another rule for 1-D leaves or embeddings.
+        if model is None:
+            raise ValueError(f"agd_rule {config.agd_rule!r} needs the model")
+        return rules.agd_transformation(
+            config.agd_rule, config.gain, config.arch, model, config.context
+        )
     spec = optimizers.get(config.optimizer)
     lr = None
     if spec.takes_lr:

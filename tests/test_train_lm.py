@@ -84,7 +84,6 @@ def test_a_local_text_file_with_a_compact_vocabulary(tmp_path):
         (dict(heads=3), "must divide"),
         (dict(loss="mse"), "xent"),
         (dict(vocab="words"), "vocab"),
-        (dict(validation_split=0.1), "own validation split"),
     ],
 )
 def test_bad_lm_configs_raise_clear_errors(overrides, message):

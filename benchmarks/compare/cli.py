@@ -119,7 +119,7 @@ def _put_cells(workload: dict[str, Any], cells: Sequence[dict[str, Any]]) -> Non
     by_label = {c["label"]: c for c in workload["cells"]}
     by_label.update({c["label"]: c for c in cells})
     workload["cells"] = list(by_label.values())
-    workload["summary"] = summarize(workload["cells"])
+    workload["summary"] = summarize(workload["cells"], workload.get("metric", "accuracy"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = list(range(args.seeds))
     t_start = time.perf_counter()
     for workload in workloads:
-        entries = entries_for(args.grid, names, workload.config["dataset"])
+        entries = entries_for(args.grid, names, workload.config["dataset"], workload.entries)
         runner.warm_up(workload)
         cells = [run_cell(runner, workload, e, seeds) for e in entries]
         config = runner.config(workload, entries[0], None, seeds[0], 0.0)
@@ -195,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             {
                 "name": workload.name,
                 "title": workload.title,
+                "metric": workload.metric,
                 "config": {
                     k: v
                     for k, v in dataclasses.asdict(config).items()
@@ -204,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "train_bs": config.train_bs,
                 "steps_per_epoch": cells[0]["final_runs"][0]["steps_per_epoch"],
                 "cells": cells,
-                "summary": summarize(cells),
+                "summary": summarize(cells, workload.metric),
             }
         )
     result["meta"]["suite_wall_s"] = time.perf_counter() - t_start

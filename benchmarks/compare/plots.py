@@ -62,17 +62,19 @@ def _panels(
     plt.close(fig)
 
 
+def _metric(w: dict[str, Any]) -> str:
+    return w.get("metric", "accuracy")
+
+
 def _draw_curves(ax, w: dict[str, Any], colors: list) -> None:
+    key = f"test_{_metric(w)}"
     for color, cell in zip(colors, w["cells"]):
         curves = [r["curve"] for r in cell["final_runs"]]
         n = min(len(c) for c in curves)
         if n == 0:
             continue
         acc = np.array(
-            [
-                [np.nan if r["test_accuracy"] is None else r["test_accuracy"] for r in c[:n]]
-                for c in curves
-            ],
+            [[np.nan if r.get(key) is None else r[key] for r in c[:n]] for c in curves],
             dtype=np.float64,
         )
         epochs = np.arange(1, n + 1)
@@ -82,7 +84,7 @@ def _draw_curves(ax, w: dict[str, Any], colors: list) -> None:
         if acc.shape[0] > 1:
             ax.fill_between(epochs, acc.min(axis=0), acc.max(axis=0), color=color, alpha=0.12)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy (mean over seeds; band: min-max)")
+    ax.set_ylabel(f"test {_metric(w)} (mean over seeds; band: min-max)")
     ax.grid(alpha=0.3)
 
 
@@ -110,7 +112,7 @@ def _draw_compute(ax, w: dict[str, Any], colors: list) -> None:
         )
     ax.set_xscale("log")
     ax.set_xlabel("total training steps, learning-rate grid included (log; equal values spread)")
-    ax.set_ylabel("final test accuracy (mean ± std)")
+    ax.set_ylabel(f"final test {_metric(w)} (mean ± std)")
     ax.grid(alpha=0.3, which="both")
 
 

@@ -22,14 +22,16 @@ def _finite(x: Any) -> bool:
     return isinstance(x, int | float) and math.isfinite(x)
 
 
-def select_lr(records: Sequence[dict[str, Any]]) -> float:
-    """The learning rate of the grid record with the best final *validation* accuracy.
+def select_lr(records: Sequence[dict[str, Any]], metric: str = "accuracy") -> float:
+    """The learning rate of the grid record with the best final *validation* accuracy (or, with
+    ``metric="loss"``, the lowest final validation loss).
 
     Each record is one grid run: ``{"lr", "split": "validation", "val_accuracy", "val_loss"}``.
     Only those fields are read; a record from any other split is refused, so the choice cannot
     depend on test metrics. Ties go to the lower validation loss, then the smaller learning rate;
     a diverged run (NaN) ranks last.
     """
+    _check_metric(metric)
     if not records:
         raise ValueError("select_lr: no grid records")
     for r in records:
@@ -42,18 +44,28 @@ def select_lr(records: Sequence[dict[str, Any]]) -> float:
     def key(r: dict[str, Any]) -> tuple[float, float, float]:
         acc = r["val_accuracy"] if _finite(r["val_accuracy"]) else -math.inf
         loss = r["val_loss"] if _finite(r["val_loss"]) else math.inf
-        return (-acc, loss, r["lr"])
+        return (loss, loss, r["lr"]) if metric == "loss" else (-acc, loss, r["lr"])
 
     return min(records, key=key)["lr"]
 
 
+def _check_metric(metric: str) -> None:
+    if metric not in ("accuracy", "loss"):
+        raise ValueError(f"unknown metric {metric!r}; expected 'accuracy' or 'loss'")
+
+
 def steps_to_target(
-    rows: Sequence[dict[str, Any]], target: float, steps_per_epoch: int, key: str = "test_accuracy"
+    rows: Sequence[dict[str, Any]],
+    target: float,
+    steps_per_epoch: int,
+    key: str = "test_accuracy",
+    lower_is_better: bool = False,
 ) -> int | None:
-    """Training steps until the per-epoch ``key`` first reaches ``target`` (None if never)."""
+    """Training steps until the per-epoch ``key`` first reaches ``target`` (at least it, or at most
+    it when ``lower_is_better``); None if never."""
     for row in rows:
         value = row.get(key)
-        if _finite(value) and value >= target:
+        if _finite(value) and (value <= target if lower_is_better else value >= target):
             return int(row["epoch"]) * steps_per_epoch
     return None
 
@@ -90,16 +102,21 @@ def parse_grid(text: str | None) -> int | tuple[float, ...] | None:
 
 
 def entries_for(
-    grid: int | tuple[float, ...] | None, names: Sequence[str] | None, dataset: str
+    grid: int | tuple[float, ...] | None,
+    names: Sequence[str] | None,
+    dataset: str,
+    entries: Sequence[Entry] | None = None,
 ) -> list[Entry]:
-    """The suite's entries, with ``grid`` applied to the tuned ones and ``names`` selected."""
-    known = {e.label: e for e in ENTRIES}
+    """The suite's entries (``entries``, by default ``ENTRIES``), with ``grid`` applied to the
+    tuned ones and ``names`` selected."""
+    entries = ENTRIES if entries is None else tuple(entries)
+    known = {e.label: e for e in entries}
     if names:
         unknown = sorted(set(names) - set(known))
         if unknown:
             raise ValueError(f"unknown optimizers {unknown}; expected some of {sorted(known)}")
     out = []
-    for e in ENTRIES:
+    for e in entries:
         if names and e.label not in names:
             continue
         if e.grid:
@@ -135,7 +152,7 @@ def run_cell(
         grid_runs = [
             runner.run(workload, entry, lr, seeds[0], validation=True) for lr in entry.grid
         ]
-        chosen_lr = select_lr(grid_runs)
+        chosen_lr = select_lr(grid_runs, workload.metric)
     chosen = {seed: chosen_lr for seed in seeds}
     final_runs = [runner.run(workload, entry, chosen[s], s, validation=False) for s in seeds]
     return {
@@ -151,19 +168,30 @@ def run_cell(
     }
 
 
-def summarize(cells: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Per cell: accuracy mean/std, steps to 95% of the workload's best, and compute totals."""
+def summarize(cells: Sequence[dict[str, Any]], metric: str = "accuracy") -> dict[str, Any]:
+    """Per cell: accuracy mean/std, steps to 95% of the workload's best, and compute totals.
+
+    With ``metric="loss"``: test loss mean/std, and steps until the test loss is within
+    ``1 / TARGET_FRACTION`` of the best mean final loss (the lowest)."""
+    _check_metric(metric)
+    key = f"test_{metric}"
+    lower = metric == "loss"
     out = []
     for c in cells:
-        accs = [r["test_accuracy"] for r in c["final_runs"]]
-        mean, std = mean_std(accs)
-        out.append(dict(label=c["label"], mean=mean, std=std, n=len(accs)))
+        values = [r[key] for r in c["final_runs"]]
+        mean, std = mean_std(values)
+        out.append(dict(label=c["label"], mean=mean, std=std, n=len(values)))
     means = [s["mean"] for s in out if _finite(s["mean"])]
-    best = max(means) if means else math.nan
-    target = TARGET_FRACTION * best
+    if lower:
+        best = min(means) if means else math.nan
+        target = best / TARGET_FRACTION
+    else:
+        best = max(means) if means else math.nan
+        target = TARGET_FRACTION * best
     for s, c in zip(out, cells):
         reached = [
-            steps_to_target(r["curve"], target, r["steps_per_epoch"]) for r in c["final_runs"]
+            steps_to_target(r["curve"], target, r["steps_per_epoch"], key, lower)
+            for r in c["final_runs"]
         ]
         hits = [x for x in reached if x is not None]
         grid_steps = sum(r["steps"] for r in c["grid_runs"])
@@ -181,4 +209,6 @@ def summarize(cells: Sequence[dict[str, Any]]) -> dict[str, Any]:
             chosen_lrs=[c["chosen_lr"][k] for k in sorted(c["chosen_lr"], key=int)],
             grid_edge=edge,
         )
+    if lower:
+        return {"metric": metric, "best_mean_loss": best, "target_loss": target, "cells": out}
     return {"best_mean_accuracy": best, "target_accuracy": target, "cells": out}

@@ -7,8 +7,11 @@ import os
 from typing import Any
 
 from benchmarks.compare.plots import plot_compute, plot_curves, plot_step_sizes
+from benchmarks.compare.protocol import TARGET_FRACTION
 from benchmarks.optimizers import OPTIMIZERS
 from benchmarks.reporting import json_safe
+
+TARGET_TEXT = f"{TARGET_FRACTION:g}"
 
 
 def _lr_text(cell: dict[str, Any], s: dict[str, Any]) -> str:
@@ -35,6 +38,48 @@ def _fmt_steps(x: float | None) -> str:
     return "-" if x is None else f"{x:,.0f}"
 
 
+def _reached(s: dict[str, Any]) -> str:
+    reached = _fmt_steps(s["steps_to_target"])
+    if s["steps_to_target"] is not None and s["reached"] < s["n"]:
+        reached += f" ({s['reached']}/{s['n']} seeds)"
+    elif s["steps_to_target"] is None:
+        reached = "not reached"
+    return reached
+
+
+def _loss_table(w: dict[str, Any]) -> list[str]:
+    """A language model's table: losses (lower is better) instead of accuracies."""
+    summ = w["summary"]
+    first = {}  # Mean loss after the first epoch: early-training speed.
+    for cell in w["cells"]:
+        values = [r["curve"][0].get("test_loss") for r in cell["final_runs"] if r["curve"]]
+        first[cell["label"]] = sum(values) / len(values) if values else float("nan")
+    lines = [
+        f"## {w['title']}",
+        "",
+        f"{w['epochs']} epochs of {w['steps_per_epoch']} steps (batch {w['train_bs']}). Losses in "
+        "nats per byte on the corpus's validation split (the last 10% of the bytes); the grid "
+        "runs train on the first 80% of the training bytes and are scored on the last 20% of "
+        f"them. Best mean final loss {summ['best_mean_loss']:.4f}; the target "
+        f"{summ['target_loss']:.4f} is that divided by {TARGET_TEXT}. The tuned AdamW's learning "
+        "rate warms up linearly over half an epoch, then decays to zero along a cosine (the usual "
+        "LM recipe); AGD and the learning-rate-free optimizers run at their defaults, unscheduled. "
+        "'Loss after epoch 1' shows early-training speed.",
+        "",
+        "| optimizer | learning rate | validation loss | loss after epoch 1 | steps to target "
+        "| grid runs | total steps (incl. grid) | total wall s (incl. grid) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for cell, s in zip(w["cells"], summ["cells"]):
+        lines.append(
+            f"| {cell['label']} | {_lr_text(cell, s)} | {s['mean']:.4f} ± {s['std']:.4f} "
+            f"| {first[cell['label']]:.4f} | {_reached(s)} | {s['grid_runs']} "
+            f"| {s['total_steps']:,} | {s['total_wall_s']:.0f} |"
+        )
+    lines.append("")
+    return lines
+
+
 def markdown(suite: str, result: dict[str, Any]) -> str:
     meta = result["meta"]
     lines = [
@@ -50,18 +95,34 @@ def markdown(suite: str, result: dict[str, Any]) -> str:
         f"Hardware: {meta['hardware']}; JAX {meta['jax']}, optax {meta['optax']}. "
         f"{meta['seeds']} seed(s) per final cell; learning-rate grids of "
         f"{meta['grid_description']}, each point trained once on 80% of the training set and "
-        "scored on the held-out 20% (final validation accuracy picks the learning rate; the test "
-        "set is never used to choose). Constant learning rates, no weight decay.",
-        "",
-        "Columns: final test accuracy (mean ± sample std over seeds); steps to 95% of the best "
-        "final accuracy in the table (first epoch whose test accuracy reaches it, times steps per "
-        "epoch; mean over the seeds that reach it); total compute = every training step and wall "
-        "second spent on the cell, the whole learning-rate grid included (wall seconds include "
-        "compilation and evaluation, on a shared machine: indicative only).",
+        "scored on the held-out 20% (the final validation accuracy, or for a language model the "
+        "final validation loss, picks the learning rate; the test set is never used to choose). "
+        "No weight decay; constant learning rates unless a table says otherwise.",
         "",
     ]
+    if any(w.get("metric", "accuracy") == "accuracy" for w in result["workloads"]):
+        lines += [
+            "Columns: final test accuracy (mean ± sample std over seeds); steps to 95% of the "
+            "best final accuracy in the table (first epoch whose test accuracy reaches it, times "
+            "steps per epoch; mean over the seeds that reach it); total compute = every training "
+            "step and wall second spent on the cell, the whole learning-rate grid included (wall "
+            "seconds include compilation and evaluation, on a shared machine: indicative only).",
+            "",
+        ]
+    else:
+        lines += [
+            "Columns: final validation loss in nats per byte (mean ± sample std over seeds); "
+            "the loss after the first epoch; steps until the validation loss first reaches the "
+            "target (the best mean final loss divided by 0.95); total compute = every training "
+            "step and wall second spent on the cell, the learning-rate grid included (wall "
+            "seconds include compilation and evaluation: indicative only).",
+            "",
+        ]
     for w in result["workloads"]:
         summ = w["summary"]
+        if w.get("metric", "accuracy") == "loss":
+            lines += _loss_table(w)
+            continue
         lines += [
             f"## {w['title']}",
             "",

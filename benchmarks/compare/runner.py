@@ -39,6 +39,9 @@ class Runner:
             optimizer_options=dict(entry.options),
             gain=entry.gain,
             lr=lr,
+            agd_rule=entry.agd_rule,
+            schedule=entry.schedule,
+            warmup_epochs=entry.warmup_epochs,
             seed=seed,
             validation_split=split,
             progress=False,
@@ -95,10 +98,10 @@ class Runner:
             "curve": curve,
             "workdir": workdir,
         }
-        acc = record[f"{prefix}_accuracy"]
+        value = record[f"{prefix}_{workload.metric}"]
         print(
             f"[{self.count}] {workload.name} {entry.label} {kind} {_lr_tag(lr)} seed {seed}: "
-            f"{prefix} accuracy {acc:.4f}, {record['steps']} steps, {wall:.1f} s",
+            f"{prefix} {workload.metric} {value:.4f}, {record['steps']} steps, {wall:.1f} s",
             flush=True,
         )
         return record

@@ -23,6 +23,9 @@ class Entry:
     grid: tuple[float, ...] = ()
     description: str = ""
     options: tuple[tuple[str, Any], ...] = ()  # The optimizer's own options (Config field).
+    schedule: str = "constant"  # The learning-rate schedule of the baselines' runs.
+    warmup_epochs: float = 0.0
+    agd_rule: str = "default"  # AGD's roles rule (benchmarks.rules).
 
     @property
     def tuned(self) -> bool:
@@ -41,6 +44,33 @@ def _entries() -> tuple[Entry, ...]:
 ENTRIES: tuple[Entry, ...] = _entries()
 
 
+# A language model: AdamW with the usual LM recipe (linear warmup, then cosine decay to zero) tuned
+# over its peak learning rate, against AGD and the learning-rate-free optimizers at their defaults.
+LM_GRID = (3e-4, 1e-3, 3e-3, 1e-2)
+LR_FREE = ("prodigy", "dog", "dadapt_adamw", "cocob", "mechanize", "schedule_free_adamw")
+AGD = next(e for e in ENTRIES if e.label == "agd")
+LM_ENTRIES: tuple[Entry, ...] = (
+    AGD,
+    Entry(
+        "adamw_warmup_cosine",
+        "adamw",
+        grid=LM_GRID,
+        schedule="warmup_cosine",
+        warmup_epochs=0.5,
+        description="AdamW (weight decay 0), warmup over half an epoch then cosine to 0, tuned lr",
+    ),
+    *(e for e in ENTRIES if e.label in LR_FREE),
+)
+
+
+# AGD's rules for 1-D parameters, embeddings and tied tables (benchmarks.rules), side by side.
+RULE_ENTRIES = {
+    rule: Entry(f"agd_{rule}", "agd", agd_rule=rule, description=f"AGD, rule {rule}")
+    for rule in ("1d_lr_free", "1d_frozen", "embedding_transposed", "tied_as_embedding")
+}
+RULES_1D = (AGD, RULE_ENTRIES["1d_lr_free"], RULE_ENTRIES["1d_frozen"])
+
+
 @dataclasses.dataclass(frozen=True)
 class Workload:
     """One model on one dataset: ``config`` holds the ``Config`` fields it fixes."""
@@ -48,6 +78,8 @@ class Workload:
     name: str
     title: str
     config: dict[str, Any]
+    metric: str = "accuracy"  # What is reported and tuned on: "accuracy" (higher) or "loss".
+    entries: tuple[Entry, ...] | None = None  # The table's rows; None: ENTRIES.
 
 
 def _fcn(name: str, title: str, dataset: str, **config: Any) -> Workload:
@@ -60,7 +92,87 @@ def _named(name: str, title: str, dataset: str, arch: str, **config: Any) -> Wor
 
 
 XENT, MSE = dict(loss="xent"), dict(loss="mse")
+
+
+_LM_SMALL = dict(
+    dataset="pystdlib",
+    arch="transformer",
+    depth=2,
+    width=64,
+    heads=4,
+    context=64,
+    loss="xent",
+    train_bs=16,
+    test_bs=64,
+    epochs=8,
+    max_steps_per_epoch=50,
+    eval_windows=256,
+    samples=0,
+)
+
 SUITES: dict[str, tuple[Workload, ...]] = {
+    # A byte-level transformer on the Python standard library's source (no download); an epoch
+    # is 50 steps of 16 windows of 64 bytes. Losses in nats per byte.
+    "lm": (
+        Workload(
+            "pystdlib_transformer",
+            "pystdlib bytes, transformer depth 2 width 64 (4 heads), context 64",
+            _LM_SMALL,
+            metric="loss",
+            entries=LM_ENTRIES,
+        ),
+    ),
+    # A larger LM for an accelerator: 10 epochs of 100 steps of 32 windows of 256 bytes.
+    "lm_large": (
+        Workload(
+            "pystdlib_transformer_large",
+            "pystdlib bytes, transformer depth 4 width 256 (8 heads), context 256",
+            dict(
+                _LM_SMALL,
+                depth=4,
+                width=256,
+                heads=8,
+                context=256,
+                train_bs=32,
+                epochs=10,
+                max_steps_per_epoch=100,
+            ),
+            metric="loss",
+            entries=LM_ENTRIES,
+        ),
+    ),
+    # AGD's rules on the small LM with biases and LayerNorm parameters (untied, then tied), and on
+    # a ResNet-18 with biases and affine BatchNorm.
+    "rules": (
+        Workload(
+            "rules_lm",
+            "pystdlib bytes, transformer as in 'lm' with biases and LayerNorm scales/offsets",
+            dict(_LM_SMALL, bias=True),
+            metric="loss",
+            entries=(*RULES_1D, RULE_ENTRIES["embedding_transposed"]),
+        ),
+        Workload(
+            "rules_lm_tied",
+            "pystdlib bytes, the same transformer with a tied embedding/head",
+            dict(_LM_SMALL, bias=True, tied=True),
+            metric="loss",
+            entries=(AGD, RULE_ENTRIES["tied_as_embedding"]),
+        ),
+        Workload(
+            "rules_resnet18",
+            "digits (8x8), ResNet-18 width 16 with biases and affine BatchNorm, cross-entropy",
+            dict(
+                dataset="digits",
+                arch="resnet18",
+                depth=None,
+                width=16,
+                bias=True,
+                loss="xent",
+                epochs=30,
+            ),
+            entries=RULES_1D,
+        ),
+    ),
     "digits": (
         _fcn("digits_fcn", "digits (8x8), FCN depth 3 width 256, cross-entropy", "digits",
              depth=3, width=256, epochs=40, **XENT),

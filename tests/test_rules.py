@@ -1,0 +1,85 @@
+"""AGD's alternative rules for 1-D parameters, embeddings and tied tables (benchmarks.rules)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import agd_optax
+from benchmarks import rules
+from benchmarks.config import Config
+from benchmarks.models.transformer import make_transformer
+
+SIZES = dict(context=8, depth=1, width=16, heads=2, bias=True)
+
+
+@functools.cache
+def _model(tied):
+    return make_transformer(11, **SIZES, tied=tied, init="gpt2", rngs=nnx.Rngs(0))
+
+
+def model(tied=False):
+    return nnx.clone(_model(tied))
+
+
+def updates(rule, tied=False):
+    m = model(tied)
+    tx = rules.agd_transformation(rule, 1.0, "transformer", m, 8)
+    params = nnx.state(m, nnx.Param)
+    grads = jax.tree.map(jnp.ones_like, params)
+    out, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    return {"/".join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(out)}
+
+
+def test_one_d_rules_move_the_weights_as_agd_does_and_the_one_d_leaves_their_own_way():
+    default, lr_free, frozen = (updates(r) for r in ("default", "1d_lr_free", "1d_frozen"))
+    for name in ("blocks/0/fc1/kernel", "token_embed/embedding", "head/kernel"):
+        # Biases and norm parameters are outside L and G, so the weights' steps are unchanged.
+        np.testing.assert_allclose(lr_free[name], default[name], rtol=1e-6)
+        np.testing.assert_allclose(frozen[name], default[name], rtol=1e-6)
+    for name in ("blocks/0/ln1/scale", "blocks/0/fc1/bias", "ln_f/bias"):
+        assert np.all(frozen[name] == 0)
+        assert np.all(lr_free[name] != 0) and not np.allclose(lr_free[name], default[name])
+
+
+def test_embedding_and_tied_rules_change_only_the_tables_roles():
+    roles = lambda rule, tied=False: agd_optax.resolve_layouts(  # noqa: E731
+        nnx.state(model(tied), nnx.Param), rules.rule_roles(rule, "transformer", model(tied), 8)
+    )
+    by_path = lambda layouts: {lay.path: lay for lay in layouts}  # noqa: E731
+    default, transposed = by_path(roles("default")), by_path(roles("embedding_transposed"))
+    for table, rows in (("token_embed/embedding", 11), ("pos_embed/embedding", 8)):
+        assert default[table].scale == pytest.approx((16 / rows) ** 0.5)
+        assert transposed[table].scale == pytest.approx((rows / 16) ** 0.5)
+    changed = {p for p in default if default[p] != transposed[p]}
+    assert changed == {"token_embed/embedding", "pos_embed/embedding"}
+    tied_head = by_path(roles("default", tied=True))["token_embed/embedding"]
+    tied_embed = by_path(roles("tied_as_embedding", tied=True))["token_embed/embedding"]
+    assert tied_head.scale == pytest.approx((11 / 16) ** 0.5)
+    assert tied_embed.scale == pytest.approx((16 / 11) ** 0.5)
+
+
+def test_a_changed_role_reinitialises_that_weight_alone():
+    m = model()
+    before = {k: np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(m, nnx.Param))}
+    rules.reinitialize_for_rule("embedding_transposed", "transformer", m, jax.random.key(1), 8)
+    after = {k: np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(m, nnx.Param))}
+    changed = {"/".join(map(str, k)) for k in before if not np.array_equal(before[k], after[k])}
+    assert changed == {"token_embed/embedding", "pos_embed/embedding"}
+    s = np.linalg.svd(after[("token_embed", "embedding")], compute_uv=False)
+    np.testing.assert_allclose(s, (11 / 16) ** 0.5, rtol=1e-4)
+
+
+def test_rules_that_do_not_fit_the_model_are_errors():
+    with pytest.raises(ValueError, match="unknown AGD rule"):
+        rules.rule_roles("diagonal", "transformer", model(), 8)
+    with pytest.raises(ValueError, match="tied model"):
+        rules.rule_roles("tied_as_embedding", "transformer", model(), 8)
+    no_bias = make_transformer(11, **(SIZES | dict(bias=False)), init="gpt2", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="biases or norm parameters"):
+        rules.agd_transformation("1d_frozen", 1.0, "transformer", no_bias, 8)
+    with pytest.raises(ValueError, match="agd_rule"):
+        Config(agd_rule="diagonal").validate()
