@@ -110,7 +110,10 @@ def make_tx(
 
 def _pure(tree: Any) -> Any:
     """The same tree with every nnx.Variable replaced by its array."""
-    return jax.tree.map(lambda v: v[...], tree, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    # get_value(), not v[...]: optax.partition's masked leaves hold empty nodes, not arrays.
+    return jax.tree.map(
+        lambda v: v.get_value(), tree, is_leaf=lambda v: isinstance(v, nnx.Variable)
+    )
 
 
 def _opt_scalar(opt_state: Any, name: str, optimizer: str) -> jax.Array:

@@ -90,3 +90,11 @@ def test_bad_lm_configs_raise_clear_errors(overrides, message):
     values = TINY | overrides
     with pytest.raises(ValueError, match=message):
         Config(**values).validate()
+
+
+def test_agd_with_its_one_d_leaves_handed_to_prodigy_trains(tmp_path):
+    # optax.partition's state holds masked (empty) nodes the training loop must read past.
+    config = Config(**(TINY | dict(epochs=1, max_steps_per_epoch=2)), bias=True)
+    config.agd_rule, config.workdir = "1d_lr_free", str(tmp_path / "run")
+    final = train_and_evaluate(config)
+    assert np.isfinite(final["test_loss"]) and final["eta"] > 0
