@@ -31,10 +31,10 @@ DESCRIPTION = (
 )
 
 
-def _default_grids() -> str:
+def _default_grids(entries: Sequence[Any] = ENTRIES) -> str:
     """The default grids in words: ``5 points (sgd_momentum 0.003..0.3; adam, nadamw 1e-4..0.01)``."""
     grids: dict[tuple[float, ...], list[str]] = {}
-    for e in ENTRIES:
+    for e in entries:
         if e.tuned:
             grids.setdefault(e.grid, []).append(e.label)
     sizes = sorted({len(g) for g in grids})
@@ -168,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(args.grid, int)
         else "/".join(f"{v:g}" for v in args.grid)
         if isinstance(args.grid, tuple)
-        else _default_grids()
+        else _default_grids([e for w in workloads for e in (w.entries or ENTRIES)])
     )
     result: dict[str, Any] = {
         "suite": suite,
