@@ -24,7 +24,15 @@ MOMENTUM = 0.9  # Fixed once, on the calibration workloads (docs/agd_variants.md
 
 class AGDMomentumState(NamedTuple):
     """State of :func:`scale_by_agd_momentum`: one buffer the size of the parameters, and what a
-    user logs."""
+    user logs.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, agd_optax
+      >>> params = {"dense": {"kernel": jnp.ones((4, 2))}}
+      >>> state = agd_optax.scale_by_agd_momentum().init(params)
+      >>> state.momentum["dense"]["kernel"].shape, int(optax.tree.get(state, "count"))
+      ((4, 2), 0)
+    """
 
     count: jax.Array  # shape=(), int32: number of updates made.
     eta: jax.Array  # shape=(), float32 (float64 for float64 params): the last step, before gain.

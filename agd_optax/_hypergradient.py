@@ -19,7 +19,15 @@ __all__ = [
 
 
 class HypergradientState(NamedTuple):
-    """State of :func:`hypergradient`."""
+    """State of :func:`hypergradient`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, agd_optax
+      >>> tx = agd_optax.hypergradient(optax.sgd, optax.sgd(1e-3), learning_rate=0.01)
+      >>> state = tx.init(jnp.zeros(3))
+      >>> f"{state.hyperparams['learning_rate']:.2f}", state.tangents.shape  # One tangent each.
+      ('0.01', (1, 3))
+    """
 
     hyperparams: dict[str, jax.Array]  # name -> shape=(), float32 (or the widest param dtype):
     # the values the last update used.
@@ -386,6 +394,13 @@ def learned_hyperparams(state: Any) -> list[dict[str, jax.Array]]:
     the state of an ``nnx.Optimizer`` (``nnx.as_pure(nnx.state(optimizer.opt_state))``). Level 0
     holds the base optimizer's hyperparameters, level 1 the hyper-optimizer's, and so on up to
     the last learning level.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, agd_optax
+      >>> tx = optax.chain(optax.clip(1.0), agd_optax.hypergradient_tower(optax.sgd, 2, learning_rate=0.1))
+      >>> levels = agd_optax.learned_hyperparams(tx.init(jnp.zeros(3)))
+      >>> [{k: f"{v:.0e}" for k, v in level.items()} for level in levels]
+      [{'learning_rate': '1e-01'}, {'learning_rate_level1': '1e-05'}]
 
     Raises:
       ValueError: when ``state`` holds no :func:`hypergradient` state, or several side by side.
