@@ -135,6 +135,7 @@ def test_table_rows_come_from_the_optimizer_registry():
         assert not e.tuned or OPTIMIZERS[e.optimizer].takes_lr
 
 
+@pytest.mark.slow  # notebooks/comparison.ipynb runs the same command line end to end in the suite.
 def test_quick_digits_suite_writes_table_plots_and_json(tmp_path):
     out = tmp_path / "results"
     argv = ["--suite", "digits", "--quick", "--out", str(out), "--runs-dir", str(tmp_path / "runs")]

@@ -133,6 +133,22 @@ ON_DISK = {
             loss="mse",
         ),
     ),
+    "cifar100_folder_fcn_bias_bf16": (
+        lambda d: write_cifar(d, "cifar100", tarball=False),
+        dict(dataset="cifar100", arch="fcn", depth=2, compute_dtype="bfloat16", bias=True),
+    ),
+    "imagenet_folders_fcn": (
+        lambda d: write_imagenet(d, per_class=8),
+        dict(
+            dataset="imagenet",
+            arch="fcn",
+            depth=2,
+            image_size=16,
+            num_workers=0,
+            train_bs=8,
+            test_bs=8,
+        ),
+    ),
     "imagenet_folders_resnet50": (
         lambda d: write_imagenet(d, per_class=8),
         dict(
@@ -149,7 +165,15 @@ ON_DISK = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(ON_DISK))
+# The two big residual networks compile for a minute each on a 2-core CPU: their formats are
+# covered above with a small network, their forward passes in test_models.py.
+SLOW_ON_DISK = ("cifar100_folder_resnet18_affine_bn_bf16", "imagenet_folders_resnet50")
+
+
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_ON_DISK else c for c in sorted(ON_DISK)],
+)
 def test_real_formats_and_architectures_train(tmp_path, case):
     write, options = ON_DISK[case]
     write(tmp_path / "data")

@@ -221,6 +221,7 @@ def agd_losses(model, steps=6):
     return jnp.stack([step(model, optimizer) for _ in range(steps)])
 
 
+@pytest.mark.slow  # tests/test_train_lm.py checks the same curves through the training program.
 def test_stacked_and_unstacked_give_the_same_agd_loss_curve():
     flat, scanned = twins(bias=True, tied=True)  # Biases, norms and a tied head included.
     curve = agd_losses(flat)
