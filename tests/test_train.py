@@ -165,9 +165,13 @@ ON_DISK = {
 }
 
 
-# The two big residual networks compile for a minute each on a 2-core CPU: their formats are
+# The residual networks compile for about a minute each on a 2-core CPU: their formats are
 # covered above with a small network, their forward passes in test_models.py.
-SLOW_ON_DISK = ("cifar100_folder_resnet18_affine_bn_bf16", "imagenet_folders_resnet50")
+SLOW_ON_DISK = (
+    "cifar10_folder_preact_resnet18",
+    "cifar100_folder_resnet18_affine_bn_bf16",
+    "imagenet_folders_resnet50",
+)
 
 
 @pytest.mark.parametrize(
