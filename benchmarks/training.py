@@ -33,7 +33,13 @@ CHECK_FINITE_EVERY = 100
 
 
 class NonFiniteError(RuntimeError):
-    """A step's loss or the state it left was NaN or infinite."""
+    """A step's loss or the state it left was NaN or infinite: ``steps`` steps were taken, the
+    bad one included, of ``steps_per_epoch`` per epoch."""
+
+    def __init__(self, message: str, steps: int = 0, steps_per_epoch: int = 0):
+        super().__init__(message)
+        self.steps = steps
+        self.steps_per_epoch = steps_per_epoch
 
 
 def _progress(total: int, epoch: int, config: Config, is_main: bool):
@@ -260,7 +266,9 @@ def _stop_nonfinite(config, epoch, step, steps_per_epoch, checkpoints) -> None:
             "up to that many in a row.)"
             if config.skip_nonfinite
             else "--skip-nonfinite N skips up to N non-finite steps in a row instead."
-        )
+        ),
+        steps=(epoch - 1) * steps_per_epoch + step + 1,
+        steps_per_epoch=steps_per_epoch,
     )
 
 

@@ -41,6 +41,22 @@ def test_select_lr_ties_and_diverged_runs():
     assert compare.select_lr(diverged) == 0.1
 
 
+def test_a_run_stopped_by_a_non_finite_loss_is_a_nan_record_not_a_crash(tmp_path, monkeypatch):
+    from benchmarks import training
+    from benchmarks.compare.runner import Runner
+
+    def diverge(config, workdir):
+        raise training.NonFiniteError("the loss became NaN", steps=7, steps_per_epoch=25)
+
+    monkeypatch.setattr(training, "train_and_evaluate", diverge)
+    workload = compare.SUITES["digits"][0]
+    sgd = next(e for e in compare.ENTRIES if e.label == "sgd_momentum")
+    record = Runner(str(tmp_path), {}).run(workload, sgd, 0.3, 0, validation=True)
+    assert math.isnan(record["val_accuracy"]) and math.isnan(record["val_loss"])
+    assert record["steps"] == 7 and "NaN" in record["diverged"]
+    assert compare.select_lr([record, _grid_record(0.03, 0.5)]) == 0.03  # Ranked last.
+
+
 def test_steps_to_target_on_a_hand_made_curve():
     rows = [
         {"epoch": 1, "test_accuracy": 0.50},

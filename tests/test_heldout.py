@@ -76,3 +76,15 @@ def test_merge_results_adds_rows_replaces_same_label_and_resummarises():
     assert a["workloads"][0]["cells"][1]["final_runs"][0]["test_accuracy"] == 0.6  # Not mutated.
     with pytest.raises(ValueError, match="different suites"):
         merge_results([a, _result("t", "third", {})])
+
+
+def test_a_merge_keeps_every_files_added_rows_and_merges_on_record(tmp_path):
+    a = _result("s", "first", {"w1": [("agd", 0.5)]})
+    b = _result("s", "second", {"w2": [("adam", 0.6)]})
+    a["meta"]["added"] = [{"command": "add-a", "rows": ["x"]}]
+    b["meta"]["added"] = [{"command": "add-b", "rows": ["y"]}]
+    b["meta"]["merged"] = ["merge-b"]
+    merged = merge_results([a, b])
+    assert [x["command"] for x in merged["meta"]["added"]] == ["add-a", "add-b"]
+    assert merged["meta"]["merged"] == ["merge-b"]
+    assert "added" not in merge_results([_result("s", "c", {}), _result("s", "d", {})])["meta"]

@@ -156,8 +156,9 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path,
     _nan_batches(monkeypatch, epoch=2, step=3)
     with pytest.raises(
         NonFiniteError, match=r"at epoch 2, step 4 of 11; .* up to epoch 1 are kept"
-    ):
+    ) as stopped:
         train_and_evaluate(_config(workdir))
+    assert (stopped.value.steps, stopped.value.steps_per_epoch) == (11 + 4, 11)
     assert sorted(os.listdir(workdir / "checkpoints")) == ["1"]
     assert [r["epoch"] for r in _rows(workdir)] == [1]
 

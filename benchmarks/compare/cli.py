@@ -103,6 +103,10 @@ def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
         raise ValueError(f"--from-json: files of different suites {sorted(suites)} cannot merge")
     merged = json.loads(json.dumps(results[0]))
     merged["meta"]["command"] = " ; ".join(r["meta"]["command"] for r in results)
+    for key in ("added", "merged"):  # Every file's later additions and merges stay on record.
+        records = [a for r in results for a in r["meta"].get(key, [])]
+        if records:
+            merged["meta"][key] = records
     workloads = {w["name"]: w for w in merged["workloads"]}
     for result in results[1:]:
         for w in result["workloads"]:
@@ -130,7 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for path in paths:
             with open(path) as f:
                 results.append(json.load(f))
-        merged = merge_results(results) if len(results) > 1 else results[0]
+        merged = results[0]
+        if len(results) > 1:
+            merged = merge_results(results)
+            merged["meta"].setdefault("merged", []).append(_command_line(argv))
         write_outputs(merged, args.out, write_json=len(results) > 1)
         return 0
     import jax
@@ -160,9 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["download"] = True
     runner = Runner(runs_dir, overrides, verbose=args.verbose)
 
-    command = "uv run python -m benchmarks.compare " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
-    )
+    command = _command_line(argv)
     grid_desc = (
         f"{args.grid} points"
         if isinstance(args.grid, int)
@@ -173,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result: dict[str, Any] = {
         "suite": suite,
         "meta": {
-            "command": command.strip(),
+            "command": command,
             "hardware": hardware_description(),
             "jax": jax.__version__,
             "optax": optax.__version__,
@@ -214,6 +219,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = add_rows(result, args.add_to)
     write_outputs(result, args.out)
     return 0
+
+
+def _command_line(argv: Sequence[str] | None) -> str:
+    """This invocation as a command to paste."""
+    args = sys.argv[1:] if argv is None else argv
+    return ("uv run python -m benchmarks.compare " + " ".join(map(shlex.quote, args))).strip()
 
 
 def _load_compatible(path: str, suite: str, seeds: int, hardware: str) -> dict[str, Any]:

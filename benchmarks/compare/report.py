@@ -92,6 +92,7 @@ def markdown(suite: str, result: dict[str, Any]) -> str:
             f"`{a['command']}`\n"
             for a in meta.get("added", [])
         ],
+        *[f"Merged into this file by: `{m}`\n" for m in meta.get("merged", [])],
         f"Hardware: {meta['hardware']}; JAX {meta['jax']}, optax {meta['optax']}. "
         f"{meta['seeds']} seed(s) per final cell; learning-rate grids of "
         f"{meta['grid_description']}, each point trained once on 80% of the training set and "

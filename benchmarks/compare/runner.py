@@ -52,7 +52,7 @@ class Runner:
     def run(
         self, workload: Workload, entry: Entry, lr: float | None, seed: int, validation: bool
     ) -> dict[str, Any]:
-        from benchmarks.training import train_and_evaluate
+        from benchmarks.training import NonFiniteError, train_and_evaluate
 
         split = VALIDATION_SPLIT if validation else 0.0
         config = self.config(workload, entry, lr, seed, split)
@@ -62,8 +62,15 @@ class Runner:
         )
         out = io.StringIO()
         t0 = time.perf_counter()
-        with contextlib.redirect_stdout(sys.stdout if self.verbose else out):
-            final = train_and_evaluate(config, workdir)
+        diverged, steps = None, None
+        try:
+            with contextlib.redirect_stdout(sys.stdout if self.verbose else out):
+                final = train_and_evaluate(config, workdir)
+        except NonFiniteError as e:  # A diverged run is a result (NaN, ranked last), not a crash.
+            diverged = str(e)
+            nan = float("nan")
+            final = dict(test_accuracy=nan, test_loss=nan, train_loss=nan)
+            final["steps_per_epoch"], steps = e.steps_per_epoch, e.steps
         wall = time.perf_counter() - t0
         rows = read_metrics(workdir)
         spe = final["steps_per_epoch"]
@@ -90,7 +97,7 @@ class Runner:
             "seed": seed,
             "epochs": config.epochs,
             "steps_per_epoch": spe,
-            "steps": spe * len(rows),
+            "steps": spe * len(rows) if steps is None else steps,
             "wall_s": wall,
             f"{prefix}_accuracy": final.get("test_accuracy"),
             f"{prefix}_loss": final.get("test_loss"),
@@ -98,10 +105,13 @@ class Runner:
             "curve": curve,
             "workdir": workdir,
         }
+        if diverged is not None:
+            record["diverged"] = diverged
         value = record[f"{prefix}_{workload.metric}"]
         print(
             f"[{self.count}] {workload.name} {entry.label} {kind} {_lr_tag(lr)} seed {seed}: "
-            f"{prefix} {workload.metric} {value:.4f}, {record['steps']} steps, {wall:.1f} s",
+            f"{prefix} {workload.metric} {value:.4f}, {record['steps']} steps, {wall:.1f} s"
+            + (" (diverged: stopped at a non-finite loss or state)" if diverged else ""),
             flush=True,
         )
         return record
