@@ -86,11 +86,18 @@ def test_baseline_flags(tmp_path):
     assert final["test_accuracy"] > 0.5
 
 
+@pytest.fixture(scope="module")
+def mnist1d_dir(tmp_path_factory):
+    """A data folder shared by this file's MNIST-1D runs: generated once, then read back."""
+    return str(tmp_path_factory.mktemp("mnist1d_data"))
+
+
 @pytest.mark.parametrize("loss", ["mse", "xent"])
-def test_mnist1d_cnn1d(tmp_path, loss):
+def test_mnist1d_cnn1d(tmp_path, loss, mnist1d_dir):
     final = _run(
         tmp_path,
         dataset="mnist1d",
+        data_dir=mnist1d_dir,
         arch="cnn1d",
         depth=3,
         width=16,
