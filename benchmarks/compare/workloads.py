@@ -141,13 +141,21 @@ SUITES: dict[str, tuple[Workload, ...]] = {
             entries=LM_ENTRIES,
         ),
     ),
-    # AGD's rules on the small LM with biases and LayerNorm parameters (untied, then tied), and on
-    # a ResNet-18 with biases and affine BatchNorm.
+    # AGD's rules on the small LM with biases and LayerNorm parameters, a deeper and wider one, the
+    # small LM tied, and a ResNet-18 with biases and affine BatchNorm.
     "rules": (
         Workload(
             "rules_lm",
             "pystdlib bytes, transformer as in 'lm' with biases and LayerNorm scales/offsets",
             dict(_LM_SMALL, bias=True),
+            metric="loss",
+            entries=(*RULES_1D, RULE_ENTRIES["embedding_transposed"]),
+        ),
+        Workload(
+            "rules_lm_d4w128",
+            "pystdlib bytes, transformer depth 4 width 128 (4 heads), context 64, with biases and "
+            "LayerNorm scales/offsets",
+            dict(_LM_SMALL, depth=4, width=128, bias=True),
             metric="loss",
             entries=(*RULES_1D, RULE_ENTRIES["embedding_transposed"]),
         ),
