@@ -83,9 +83,10 @@ def nnx_roles(model: Any) -> Callable[[Any], Any]:
     parameters. Modules stacked by ``nnx.vmap`` (and run by ``nnx.scan``) have leading axes
     beyond their own parameter shapes: those are stack axes, each slice a separate layer, for
     norm-layer parameters too. Parameters of other modules are inferred from their names, as
-    without this helper. Module types do not say how a parameter is used: a table that is both
-    an embedding and the output head (``Embed.attend``) reads as an embedding here, and as the
-    head by :func:`agd_optax.trace_roles`, which reads the computation.
+    without this helper. A table that is both an embedding and the output head
+    (``Embed.attend``) reads as an embedding here, as :func:`agd_optax.trace_roles` reads it: an
+    embedding's role is the map ``features -> num_embeddings``, the head's map, so the two uses
+    agree.
 
     Args:
       model: an ``nnx.Module``.

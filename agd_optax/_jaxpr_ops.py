@@ -153,8 +153,10 @@ class _WeightOps:
         fi, fo, st = tuple(sorted(set(fan_in))), tuple(sorted(set(fan_out))), tuple(sorted(stack))
         if spatial is not None:
             return conv(tuple(sorted(spatial)), fi[0], fo[0], groups=groups, stack_axes=st)
-        if lookup and fi == (ndim - 2,) and fo == (ndim - 1,):
-            return embedding(stack_axes=st)
+        if lookup:  # A table reads as the map from its features to its entries (embedding()).
+            fi, fo = fo, fi
+            if fi == (ndim - 1,) and fo == (ndim - 2,):
+                return embedding(stack_axes=st)
         return dense(fi, fo, stack_axes=st)
 
     def _dot_general(self, eqn, ins, where):

@@ -8,8 +8,8 @@ holds arrays, so each leaf is given a *role*:
   ``LinearGeneral`` / ``DenseGeneral`` kernels).
 * ``conv(spatial_axes, in_axis, out_axis, groups)``: a 1-D, 2-D or 3-D convolution kernel (Flax
   stores them as ``(*spatial, in // groups, out)``), grouped and depthwise ones included.
-* ``embedding()``: an embedding table ``(num_embeddings, features)``, the dense map
-  ``one_hot(ids) @ table``.
+* ``embedding()``: an embedding table ``(num_embeddings, features)``, read as the matrix
+  ``features -> num_embeddings`` (the map a tied output head ``x @ table.T`` applies).
 * ``bias(owner=None)``: a bias that moves with the weight of its own module.
 * ``norm()``: the scale or the offset of a normalisation layer.
 
@@ -176,17 +176,24 @@ def conv(
 def embedding(*, stack_axes: int | Sequence[int] = ()) -> Role:
     """Role of an embedding table ``(num_embeddings, features)``.
 
-    AGD treats it as the dense map it is, ``one_hot(ids) @ table``: fan-in ``num_embeddings``,
-    fan-out ``features``.
+    AGD reads it as the matrix ``features -> num_embeddings``: fan-in ``features``, fan-out
+    ``num_embeddings``, so ``s = sqrt(num_embeddings / features)``. That is the map the table
+    applies when it is also the output head (``x @ table.T``), so a tied table's two uses agree,
+    and it starts each row, the vector one id looks up, at a norm of about 1 (exactly 1 on
+    average when ``num_embeddings >= features``). Reading the lookup as ``one_hot(ids) @ table``
+    instead (fan-in ``num_embeddings``) starts the rows at ``sqrt(features / num_embeddings)``
+    and keeps their steps as small; on two byte-level transformers it trained markedly worse
+    (``benchmarks/README.md``, "AGD's rules"). For that reading give
+    ``dense(in_axes=-2, out_axes=-1)``.
 
     Example:
       >>> import jax.numpy as jnp, agd_optax
       >>> [lay] = agd_optax.resolve_layouts({"t": jnp.zeros((100, 25))}, {"t": agd_optax.embedding()})
-      >>> round(lay.scale, 4)  # One-hot(ids) @ table: sqrt(25 / 100)
-      0.5
+      >>> round(lay.scale, 4)  # features -> num_embeddings: sqrt(100 / 25)
+      2.0
     """
     return Role(
-        "embedding", in_axes=(-2,), out_axes=(-1,), stack_axes=_axes(stack_axes, "stack_axes")
+        "embedding", in_axes=(-1,), out_axes=(-2,), stack_axes=_axes(stack_axes, "stack_axes")
     )
 
 

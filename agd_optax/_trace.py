@@ -8,7 +8,8 @@ broadcasts, to the operation that gives it its role:
   its fan-out, its batch axes stack axes (``vmap``, ``LinearGeneral`` batch axes).
 * ``conv_general_dilated``: a convolution; spatial, input and output axes from the dimension
   numbers, groups from ``feature_group_count``.
-* ``gather`` with many indices into a table: an embedding lookup (the indexed axis is the fan-in).
+* ``gather`` with many indices into a table: an embedding lookup (the indexed axis is the fan-out,
+  as in :func:`agd_optax.embedding`).
 * an axis taken away one slice at a time (``lax.scan`` over the parameter, ``W[i]``,
   ``W[0]``): a stack axis; every slice is a separate weight.
 * a parameter added to the output of a weight's operation, varying only along that weight's
@@ -61,8 +62,9 @@ def trace_roles(fn: Callable[..., Any], params: Any, *args: Any, **kwargs: Any) 
 
     A parameter used several times the same way (a shared weight) is one weight. A table used
     both as an embedding lookup and as the output head (tied embeddings, ``x @ table.T``) is one
-    weight with the role of the head, ``dense(in_axes=-1, out_axes=-2)``: the head is where the
-    table acts as a whole matrix, and the tensor counts once in the depth L. Any other leaf used
+    such weight: a lookup reads as :func:`agd_optax.embedding`, the map ``features ->
+    num_embeddings``, which is the head's map, so it keeps the embedding's role and counts once in
+    the depth L. Any other leaf used
     in two different ways, used in a way AGD cannot read (a parameter inside ``exp``, a product of
     two parameters, a learned positional table added to activations) or not used at all is a
     :class:`RoleError`; one error lists every such leaf and what it saw.
@@ -168,14 +170,8 @@ def _decide(
         )
     if kinds <= {"weight", "lookup"}:
         distinct = list(dict.fromkeys(_key(u.role, ndim) for u in uses))
-        if len(distinct) == 1:
-            return next(u.role for u in uses), None
-        if kinds == {"weight", "lookup"} and len(distinct) == 2:
-            (i1, o1, s1, p1, g1), (i2, o2, s2, p2, g2) = distinct
-            # A tied embedding: looked up by rows and used as the output head.
-            if i1 == o2 and o1 == i2 and s1 == s2 and not p1 | p2 and g1 == g2 == 1:
-                head = next(u.role for u in uses if u.kind == "weight")
-                return head, None
+        if len(distinct) == 1:  # A tied table (lookup and head) keeps the lookup's role.
+            return next((u.role for u in uses if u.kind == "lookup"), uses[0].role), None
         firsts = [next(u for u in uses if _key(u.role, ndim) == k) for k in distinct[:3]]
         return None, "used in different ways: " + " and ".join(
             f"{_describe(u.role)} ({text(u)})" for u in firsts
@@ -187,7 +183,8 @@ def _decide(
 
 
 def _key(role: Role, ndim: int) -> tuple[Any, ...]:
-    """What makes two weight roles of one leaf the same: an embedding is the dense map it is."""
+    """What makes two weight roles of one leaf the same: an embedding is the dense map
+    ``features -> num_embeddings``, the same as a tied head's."""
 
     def axes(xs: tuple[int, ...] | None) -> frozenset[int]:
         return frozenset(a % ndim for a in xs or ())

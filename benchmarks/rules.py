@@ -4,16 +4,16 @@ The rules (``Config.agd_rule``):
 
 * ``default``: the library's roles. Weights by their fan-in and fan-out; a bias moves with its
   weight; a norm-layer scale or offset is its own diagonal weight with ``s = 1``; an embedding
-  table is the map ``one_hot(ids) @ table`` (fan-in: the vocabulary); a tied table takes the
-  output head's role (the matrix ``width -> vocab``).
+  table, tied or not, is the matrix ``features -> num_embeddings`` (fan-in the width, the map a
+  tied head applies).
 * ``1d_lr_free``: every 1-D parameter (biases, norm scales and offsets) is handed to Prodigy at
   its defaults with ``optax.partition``; AGD moves the weights alone.
 * ``1d_frozen``: the 1-D parameters stay at their initial values (the AGD paper's networks have
   none; its authors' GPT-2 sketch froze LayerNorm).
-* ``embedding_transposed``: embedding tables (not tied) take the transposed role
-  ``dense(in_axes=-1, out_axes=-2)``, fan-in the width: 4x the default's scale at width 64 and
-  256 bytes, initialised accordingly.
-* ``tied_as_embedding``: a tied table keeps the embedding's role rather than the head's.
+* ``embedding_fan_in_vocab``: every embedding table, a tied one included, is the map
+  ``one_hot(ids) @ table``, ``dense(in_axes=-2, out_axes=-1)`` (fan-in the vocabulary: a
+  quarter of the default's scale at width 64 and 256 bytes), initialised accordingly. The
+  library's reading before the rules were measured.
 """
 
 from __future__ import annotations
@@ -28,13 +28,7 @@ from flax import nnx
 import agd_optax
 from agd_optax._roles import path_to_keys
 
-AGD_RULES = (
-    "default",
-    "1d_lr_free",
-    "1d_frozen",
-    "embedding_transposed",
-    "tied_as_embedding",
-)
+AGD_RULES = ("default", "1d_lr_free", "1d_frozen", "embedding_fan_in_vocab")
 
 
 def default_roles(arch: str, model: nnx.Module, context: int | None = None) -> Any:
@@ -69,17 +63,12 @@ def rule_roles(rule: str, arch: str, model: nnx.Module, context: int | None = No
         raise ValueError(f"unknown AGD rule {rule!r}; expected one of {AGD_RULES}")
     is_role = lambda x: isinstance(x, agd_optax.Role)  # noqa: E731
     roles = _flat(default_roles(arch, model, context), is_leaf=is_role)
-    tied = getattr(model, "tied", False)
-    for keys, role in roles.items():
-        table = keys[-1] == "embedding"
-        if rule == "embedding_transposed" and table and role.kind == "embedding":
-            roles[keys] = agd_optax.dense(in_axes=-1, out_axes=-2)
-        elif rule == "tied_as_embedding" and table and tied and keys[0] == "token_embed":
-            roles[keys] = agd_optax.embedding()
-    if rule == "embedding_transposed" and not any(k[-1] == "embedding" for k in roles):
-        raise ValueError("rule 'embedding_transposed' needs a model with embedding tables")
-    if rule == "tied_as_embedding" and not tied:
-        raise ValueError("rule 'tied_as_embedding' needs a tied model (--tied)")
+    if rule == "embedding_fan_in_vocab":
+        tables = [k for k in roles if k[-1] == "embedding"]
+        if not tables:
+            raise ValueError("rule 'embedding_fan_in_vocab' needs a model with embedding tables")
+        for keys in tables:
+            roles[keys] = agd_optax.dense(in_axes=-2, out_axes=-1)
     return _nested(roles)
 
 

@@ -42,7 +42,7 @@ def test_infers_flax_names():
     assert lay["conv/kernel"].scale == pytest.approx(math.sqrt(8 / 4) / 3)
     assert lay["conv/kernel"].reduce_axes == (2, 3) and lay["conv/kernel"].spatial_axes == (0, 1)
     assert lay["conv3d/kernel"].scale == pytest.approx(math.sqrt(8 / 4) / math.sqrt(18))
-    assert lay["embed/embedding"].scale == pytest.approx(math.sqrt(16 / 100))
+    assert lay["embed/embedding"].scale == pytest.approx(math.sqrt(100 / 16))
     assert lay["attn/query/kernel"].scale == pytest.approx(1.0)  # 16 -> 2 * 8
     assert lay["attn/out/kernel"].in_axes == (0, 1) and lay["attn/out/kernel"].out_axes == (2,)
     # Biases and norm-layer parameters count neither in L nor in G.
@@ -97,7 +97,7 @@ def test_nnx_roles_reads_module_types():
     assert lay["attn/query/kernel"].out_axes == (1, 2)
     assert lay["attn/out/kernel"].in_axes == (0, 1)
     assert lay["norm/scale"].kind == "norm"
-    assert lay["embed/embedding"].scale == pytest.approx(math.sqrt(16 / 50))
+    assert lay["embed/embedding"].scale == pytest.approx(math.sqrt(50 / 16))
 
 
 def test_explicit_prefix_pytree_and_callable_roles():

@@ -45,39 +45,37 @@ def test_one_d_rules_move_the_weights_as_agd_does_and_the_one_d_leaves_their_own
         assert np.all(lr_free[name] != 0) and not np.allclose(lr_free[name], default[name])
 
 
-def test_embedding_and_tied_rules_change_only_the_tables_roles():
+def test_the_vocabulary_fan_in_rule_changes_only_the_tables_roles():
     roles = lambda rule, tied=False: agd_optax.resolve_layouts(  # noqa: E731
         nnx.state(model(tied), nnx.Param), rules.rule_roles(rule, "transformer", model(tied), 8)
     )
     by_path = lambda layouts: {lay.path: lay for lay in layouts}  # noqa: E731
-    default, transposed = by_path(roles("default")), by_path(roles("embedding_transposed"))
-    for table, rows in (("token_embed/embedding", 11), ("pos_embed/embedding", 8)):
-        assert default[table].scale == pytest.approx((16 / rows) ** 0.5)
-        assert transposed[table].scale == pytest.approx((rows / 16) ** 0.5)
-    changed = {p for p in default if default[p] != transposed[p]}
-    assert changed == {"token_embed/embedding", "pos_embed/embedding"}
-    tied_head = by_path(roles("default", tied=True))["token_embed/embedding"]
-    tied_embed = by_path(roles("tied_as_embedding", tied=True))["token_embed/embedding"]
-    assert tied_head.scale == pytest.approx((11 / 16) ** 0.5)
-    assert tied_embed.scale == pytest.approx((16 / 11) ** 0.5)
+    for tied in (False, True):
+        default = by_path(roles("default", tied))
+        fan_in_vocab = by_path(roles("embedding_fan_in_vocab", tied))
+        for table, rows in (("token_embed/embedding", 11), ("pos_embed/embedding", 8)):
+            assert default[table].scale == pytest.approx((rows / 16) ** 0.5)
+            assert fan_in_vocab[table].scale == pytest.approx((16 / rows) ** 0.5)
+        changed = {p for p in default if default[p] != fan_in_vocab[p]}
+        assert changed == {"token_embed/embedding", "pos_embed/embedding"}
 
 
 def test_a_changed_role_reinitialises_that_weight_alone():
     m = model()
     before = {k: np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(m, nnx.Param))}
-    rules.reinitialize_for_rule("embedding_transposed", "transformer", m, jax.random.key(1), 8)
+    rules.reinitialize_for_rule("embedding_fan_in_vocab", "transformer", m, jax.random.key(1), 8)
     after = {k: np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(m, nnx.Param))}
     changed = {"/".join(map(str, k)) for k in before if not np.array_equal(before[k], after[k])}
     assert changed == {"token_embed/embedding", "pos_embed/embedding"}
     s = np.linalg.svd(after[("token_embed", "embedding")], compute_uv=False)
-    np.testing.assert_allclose(s, (11 / 16) ** 0.5, rtol=1e-4)
+    np.testing.assert_allclose(s, (16 / 11) ** 0.5, rtol=1e-4)
 
 
 def test_rules_that_do_not_fit_the_model_are_errors():
     with pytest.raises(ValueError, match="unknown AGD rule"):
         rules.rule_roles("diagonal", "transformer", model(), 8)
-    with pytest.raises(ValueError, match="tied model"):
-        rules.rule_roles("tied_as_embedding", "transformer", model(), 8)
+    with pytest.raises(ValueError, match="embedding tables"):
+        rules.rule_roles("embedding_fan_in_vocab", "fcn", nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
     no_bias = make_transformer(11, **(SIZES | dict(bias=False)), init="gpt2", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="biases or norm parameters"):
         rules.agd_transformation("1d_frozen", 1.0, "transformer", no_bias, 8)

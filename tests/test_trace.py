@@ -114,7 +114,7 @@ def test_pytorch_layout_gets_the_update_of_the_flax_layout():
     chex.assert_trees_all_close(s_t[0], s_f[0], rtol=1e-6)
 
 
-def test_tied_embedding_is_one_weight_read_as_the_head():
+def test_tied_embedding_is_one_weight_whose_lookup_and_head_agree():
     params = {"embed": jnp.zeros((50, 8)), "w": jnp.zeros((8, 8))}
 
     def fn(p, ids):
@@ -122,7 +122,9 @@ def test_tied_embedding_is_one_weight_read_as_the_head():
         return x @ p["embed"].T
 
     roles = agd_optax.trace_roles(fn, params, jnp.zeros((3,), jnp.int32))
-    assert roles["embed"] == agd_optax.dense(1, 0)
+    assert roles["embed"] == agd_optax.embedding()
+    head = agd_optax.dense(-1, -2)  # The map x @ embed.T: fan-in the features.
+    assert (roles["embed"].in_axes, roles["embed"].out_axes) == (head.in_axes, head.out_axes)
     assert sum(lay.count for lay in agd_optax.resolve_layouts(params, roles)) == 2
 
 
@@ -255,8 +257,7 @@ def test_benchmark_transformer_traces_like_its_explicit_roles(scan_layers, tied)
     roles = agd_optax.trace_roles(fn, params, rest, jax.ShapeDtypeStruct((1, 6), jnp.int32))
     traced = agd_optax.resolve_layouts(params, roles)
     assert traced == agd_optax.resolve_layouts(params, transformer_roles(model))
-    if not tied:  # nnx_roles cannot see that a table is also the head.
-        assert traced == agd_optax.resolve_layouts(params, agd_optax.nnx_roles(model))
+    assert traced == agd_optax.resolve_layouts(params, agd_optax.nnx_roles(model))
 
 
 def test_einsum_fusion_remat_cond_and_casts_are_followed():

@@ -131,6 +131,8 @@ def test_agd_init_gives_every_weight_its_scaled_orthogonal_spectrum():
         ("head", params["head/kernel"]),
     ]:
         d_in, d_out = matrix.shape
+        if name.endswith("embedding"):  # A table is the map features -> rows.
+            d_in, d_out = d_out, d_in
         s = np.linalg.svd(np.asarray(matrix), compute_uv=False)
         np.testing.assert_allclose(s, math.sqrt(d_out / d_in), rtol=1e-4, err_msg=name)
 
@@ -187,7 +189,7 @@ def test_roles_match_the_layers_and_stack_axes():
         assert by_path[f"{prefix}/attn/query/bias"].kind == "bias"
         assert by_path[f"{prefix}/ln1/scale"].kind == "norm"
         assert by_path[f"{prefix}/ln1/scale"].stack_axes == query.stack_axes
-        assert by_path["token_embed/embedding"].scale == pytest.approx(math.sqrt(16 / VOCAB))
+        assert by_path["token_embed/embedding"].scale == pytest.approx(math.sqrt(VOCAB / 16))
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])

@@ -66,7 +66,7 @@ LM_ENTRIES: tuple[Entry, ...] = (
 # AGD's rules for 1-D parameters, embeddings and tied tables (benchmarks.rules), side by side.
 RULE_ENTRIES = {
     rule: Entry(f"agd_{rule}", "agd", agd_rule=rule, description=f"AGD, rule {rule}")
-    for rule in ("1d_lr_free", "1d_frozen", "embedding_transposed", "tied_as_embedding")
+    for rule in ("1d_lr_free", "1d_frozen", "embedding_fan_in_vocab")
 }
 RULES_1D = (AGD, RULE_ENTRIES["1d_lr_free"], RULE_ENTRIES["1d_frozen"])
 
@@ -149,7 +149,7 @@ SUITES: dict[str, tuple[Workload, ...]] = {
             "pystdlib bytes, transformer as in 'lm' with biases and LayerNorm scales/offsets",
             dict(_LM_SMALL, bias=True),
             metric="loss",
-            entries=(*RULES_1D, RULE_ENTRIES["embedding_transposed"]),
+            entries=(*RULES_1D, RULE_ENTRIES["embedding_fan_in_vocab"]),
         ),
         Workload(
             "rules_lm_d4w128",
@@ -157,14 +157,14 @@ SUITES: dict[str, tuple[Workload, ...]] = {
             "LayerNorm scales/offsets",
             dict(_LM_SMALL, depth=4, width=128, bias=True),
             metric="loss",
-            entries=(*RULES_1D, RULE_ENTRIES["embedding_transposed"]),
+            entries=(*RULES_1D, RULE_ENTRIES["embedding_fan_in_vocab"]),
         ),
         Workload(
             "rules_lm_tied",
             "pystdlib bytes, the same transformer with a tied embedding/head",
             dict(_LM_SMALL, bias=True, tied=True),
             metric="loss",
-            entries=(AGD, RULE_ENTRIES["tied_as_embedding"]),
+            entries=(AGD, RULE_ENTRIES["embedding_fan_in_vocab"]),
         ),
         Workload(
             "rules_resnet18",

@@ -30,7 +30,7 @@ def _initializers(init: str, depth: int) -> dict[str, Any]:
     """Kernel and embedding initialisers of every weight for ``init``.
 
     ``"agd"``: AGD's scaled semi-orthogonal weights (attention projections as the matrices
-    ``width -> heads * head_dim`` and back, embeddings with fan-in the table's rows).
+    ``width -> heads * head_dim`` and back, embeddings as the map ``width -> rows``, fan-in the width).
     ``"gpt2"``: normal(0.02) everywhere, the residual outputs (attention output and second MLP
     layer) scaled by ``1 / sqrt(2 * depth)``, the usual recipe for Adam-trained LMs.
     """
@@ -241,8 +241,8 @@ def load_params(model: nnx.Module, flat: dict[tuple[str, ...], jax.Array]) -> No
 def transformer_roles(model: Transformer) -> dict[str, Any]:
     """AGD roles of every parameter of ``model``, spelled out (the roles ``agd_optax.trace_roles``
     reads off the forward pass), as a nested dict with the parameters' paths for
-    ``agd(roles=...)``. A scanned model's block parameters carry a leading stack axis; a tied
-    table takes the output head's role (the matrix ``width -> vocab``), where it acts as a whole.
+    ``agd(roles=...)``. A scanned model's block parameters carry a leading stack axis; every
+    table, a tied one included, is an embedding, the matrix ``width -> rows`` (a tied head's map).
     """
     stack = (0,) if model.scan_layers else ()
     n = len(stack)
@@ -260,8 +260,6 @@ def transformer_roles(model: Transformer) -> dict[str, Any]:
         block_key = (key[1:] if model.scan_layers else key[2:]) if in_block else ()
         if block_key in weights:
             roles[key] = weights[block_key]
-        elif key == ("token_embed", "embedding") and model.tied:
-            roles[key] = agd_optax.dense(in_axes=-1, out_axes=-2)
         elif key[-1] == "embedding":
             roles[key] = agd_optax.embedding()
         elif key == ("head", "kernel"):
