@@ -96,6 +96,8 @@ def test_the_lm_suite_tunes_adamw_with_warmup_cosine_and_runs_lr_free_at_default
     assert [(e.optimizer, e.schedule) for e in tuned] == [("adamw", "warmup_cosine")]
     labels = {e.label for e in LM_ENTRIES}
     assert {"agd", "prodigy", "dog", "dadapt_adamw", "cocob", "mechanize"} <= labels
+    # Held out from the choice of agd_momentum, against the AlgoPerf one-configuration entries.
+    assert {"agd_momentum", "schedule_free_adamw_algoperf", "nadamw_algoperf"} <= labels
 
 
 def test_tuning_runs_hold_out_the_end_of_the_training_text():

@@ -45,12 +45,15 @@ ENTRIES: tuple[Entry, ...] = _entries()
 
 
 # A language model: AdamW with the usual LM recipe (linear warmup, then cosine decay to zero) tuned
-# over its peak learning rate, against AGD and the learning-rate-free optimizers at their defaults.
+# over its peak learning rate, against AGD, AGD with momentum, the learning-rate-free optimizers at
+# their defaults and the AlgoPerf one-configuration entries.
 LM_GRID = (3e-3, 1e-2, 3e-2)
 LR_FREE = ("prodigy", "dog", "dadapt_adamw", "cocob", "mechanize", "schedule_free_adamw")
 AGD = next(e for e in ENTRIES if e.label == "agd")
+ALGOPERF = ("schedule_free_adamw_algoperf", "nadamw_algoperf")
 LM_ENTRIES: tuple[Entry, ...] = (
     AGD,
+    next(e for e in ENTRIES if e.label == "agd_momentum"),
     Entry(
         "adamw_warmup_cosine",
         "adamw",
@@ -60,6 +63,7 @@ LM_ENTRIES: tuple[Entry, ...] = (
         description="AdamW (weight decay 0), warmup over half an epoch then cosine to 0, tuned lr",
     ),
     *(e for e in ENTRIES if e.label in LR_FREE),
+    *(e for e in ENTRIES if e.label in ALGOPERF),  # One configuration for every workload.
 )
 
 
