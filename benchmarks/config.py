@@ -15,7 +15,7 @@ from benchmarks.data import DATASETS
 from benchmarks.data.text import VOCABS
 from benchmarks.models import ALIASES, ARCHITECTURES
 from benchmarks.optimizers import OPTIMIZERS, SCHEDULES, resolve_options
-from benchmarks.rules import AGD_RULES
+from benchmarks.rules import AGD_RULES, DEFAULT_RULE
 
 ARCHS = (*ARCHITECTURES, *ALIASES)
 # What the transformer changes in the defaults (a small byte-level LM that trains in minutes on a
@@ -59,7 +59,7 @@ class Config:
     optimizer: str = "agd"
     optimizer_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # Its own options.
     gain: float = 1.0  # AGD only.
-    agd_rule: str = "default"  # AGD only: the roles rule of benchmarks.rules (1-D, embeddings).
+    agd_rule: str = DEFAULT_RULE  # AGD only: its rule for 1-D leaves and embeddings (rules.py).
     lr: float | None = None  # baselines: peak learning rate (None = the optimizer's usual default).
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only.
@@ -134,7 +134,7 @@ class Config:
         )
         check(self.agd_rule in AGD_RULES, f"agd_rule {self.agd_rule!r} is not one of {AGD_RULES}")
         check(
-            self.agd_rule == "default" or self.optimizer == "agd",
+            self.agd_rule == DEFAULT_RULE or self.optimizer == "agd",
             f"agd_rule {self.agd_rule!r} applies to optimizer 'agd' only",
         )
         check(

@@ -101,7 +101,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         "--agd-rule",
         choices=AGD_RULES,
         default=d.agd_rule,
-        help="AGD's rule for 1-D parameters and embeddings (benchmarks.rules)",
+        help="AGD's rule for 1-D parameters and embeddings (benchmarks.rules); the default "
+        "hands biases and norm parameters to Prodigy, 'library' is agd() alone",
     )
     p.add_argument("--lr", type=float, default=d.lr, help="baselines' peak learning rate")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)

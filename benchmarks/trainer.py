@@ -62,7 +62,7 @@ def build_model(config: Config, data) -> nnx.Module:
         params = nnx.state(model, nnx.Param)
         key = jax.random.fold_in(jax.random.key(config.seed), 1)
         nnx.update(model, agd_optax.reinitialize(key, params, agd_optax.nnx_roles(model)))
-    if config.agd_rule != "default":  # Weights whose role the rule changes, initialised by it.
+    if config.optimizer == "agd":  # Weights whose role the rule changes, initialised by it.
         key = jax.random.fold_in(jax.random.key(config.seed), 3)
         rules.reinitialize_for_rule(config.agd_rule, config.arch, model, key, config.context)
     return model
@@ -84,7 +84,7 @@ def make_tx(
 ) -> optax.GradientTransformation:
     """The optax transformation of ``config.optimizer`` (``optimizers.OPTIMIZERS``), with the
     configured learning-rate schedule for optimizers that take a learning rate."""
-    if config.agd_rule != "default":  # AGD under another rule for 1-D leaves or embeddings.
+    if config.optimizer == "agd" and config.agd_rule != "library":  # Its 1-D or embedding rule.
         if model is None:
             raise ValueError(f"agd_rule {config.agd_rule!r} needs the model")
         return rules.agd_transformation(

@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,7 +36,7 @@ def updates(rule, tied=False):
 
 
 def test_one_d_rules_move_the_weights_as_agd_does_and_the_one_d_leaves_their_own_way():
-    default, lr_free, frozen = (updates(r) for r in ("default", "1d_lr_free", "1d_frozen"))
+    default, lr_free, frozen = (updates(r) for r in ("library", "1d_lr_free", "1d_frozen"))
     for name in ("blocks/0/fc1/kernel", "token_embed/embedding", "head/kernel"):
         # Biases and norm parameters are outside L and G, so the weights' steps are unchanged.
         np.testing.assert_allclose(lr_free[name], default[name], rtol=1e-6)
@@ -51,7 +52,7 @@ def test_the_vocabulary_fan_in_rule_changes_only_the_tables_roles():
     )
     by_path = lambda layouts: {lay.path: lay for lay in layouts}  # noqa: E731
     for tied in (False, True):
-        default = by_path(roles("default", tied))
+        default = by_path(roles("library", tied))
         fan_in_vocab = by_path(roles("embedding_fan_in_vocab", tied))
         for table, rows in (("token_embed/embedding", 11), ("pos_embed/embedding", 8)):
             assert default[table].scale == pytest.approx((rows / 16) ** 0.5)
@@ -76,8 +77,21 @@ def test_rules_that_do_not_fit_the_model_are_errors():
         rules.rule_roles("diagonal", "transformer", model(), 8)
     with pytest.raises(ValueError, match="embedding tables"):
         rules.rule_roles("embedding_fan_in_vocab", "fcn", nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
-    no_bias = make_transformer(11, **(SIZES | dict(bias=False)), init="gpt2", rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="biases or norm parameters"):
-        rules.agd_transformation("1d_frozen", 1.0, "transformer", no_bias, 8)
     with pytest.raises(ValueError, match="agd_rule"):
         Config(agd_rule="diagonal").validate()
+    with pytest.raises(ValueError, match="optimizer 'agd' only"):
+        Config(optimizer="adam", agd_rule="1d_frozen").validate()
+
+
+def test_the_program_default_hands_one_d_leaves_to_prodigy_and_is_agd_without_them():
+    assert Config().agd_rule == rules.DEFAULT_RULE == "1d_lr_free"
+    Config(optimizer="adam").validate()  # The default rule does not stop other optimizers.
+    no_bias = make_transformer(11, **(SIZES | dict(bias=False)), init="gpt2", rngs=nnx.Rngs(0))
+    params = nnx.state(no_bias, nnx.Param)
+    grads = jax.tree.map(jnp.ones_like, params)
+    outs = []
+    for rule in ("library", "1d_lr_free", "1d_frozen"):
+        tx = rules.agd_transformation(rule, 1.0, "transformer", no_bias, 8)
+        outs.append(jax.jit(tx.update)(grads, tx.init(params), params)[0])
+    chex.assert_trees_all_close(outs[1], outs[0])
+    chex.assert_trees_all_close(outs[2], outs[0])

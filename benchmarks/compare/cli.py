@@ -37,6 +37,8 @@ def _default_grids(entries: Sequence[Any] = ENTRIES) -> str:
     for e in entries:
         if e.tuned:
             grids.setdefault(e.grid, []).append(e.label)
+    if not grids:
+        return "none (no row is tuned)"
     sizes = sorted({len(g) for g in grids})
     ranges = "; ".join(f"{', '.join(labels)} {g[0]:g}..{g[-1]:g}" for g, labels in grids.items())
     return f"{'/'.join(map(str, sizes))} log-spaced points ({ranges})"

@@ -39,7 +39,7 @@ class Runner:
             optimizer_options=dict(entry.options),
             gain=entry.gain,
             lr=lr,
-            agd_rule=entry.agd_rule,
+            **({"agd_rule": entry.agd_rule} if entry.optimizer == "agd" else {}),
             schedule=entry.schedule,
             warmup_epochs=entry.warmup_epochs,
             seed=seed,

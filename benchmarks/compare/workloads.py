@@ -25,7 +25,7 @@ class Entry:
     options: tuple[tuple[str, Any], ...] = ()  # The optimizer's own options (Config field).
     schedule: str = "constant"  # The learning-rate schedule of the baselines' runs.
     warmup_epochs: float = 0.0
-    agd_rule: str = "default"  # AGD's roles rule (benchmarks.rules).
+    agd_rule: str = "library"  # AGD's rule (benchmarks.rules); "library": agd() alone.
 
     @property
     def tuned(self) -> bool:
