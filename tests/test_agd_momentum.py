@@ -124,7 +124,7 @@ def test_first_update_is_agd_and_second_is_agd_on_the_average(problem):
 def test_converges_in_scan_under_jit(problem):
     tx = agd_optax.agd_momentum()
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=zoo.OPTIMIZED)
     def train(params):
         def body(carry, _):
             p, s = carry
