@@ -24,3 +24,24 @@ def x64():
     """Runs a test with float64 enabled (parity with the float64 PyTorch reference)."""
     with jax.enable_x64(True):
         yield
+
+
+# The heaviest files, heaviest first (each takes 35 s to 2 min of CPU on a 2-core machine). With
+# --dist loadfile (pyproject.toml) a file runs whole on one worker and files are handed out in
+# collection order, so the long ones start first and the many short ones fill in at the end.
+HEAVY_FIRST = (
+    "tests/test_train.py",
+    "tests/test_notebooks.py",
+    "tests/test_contract.py",
+    "tests/test_parallel.py",
+    "tests/test_agd_momentum.py",
+    "tests/test_runs_training.py",
+    "tests/test_train_lm.py",
+    "tests/test_overhead.py",
+    "tests/test_stacking.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
