@@ -16,6 +16,7 @@ from agd_optax._roles import (
     bias,
     conv,
     dense,
+    embedding,
     norm,
     path_to_keys,
     path_to_str,
@@ -35,15 +36,16 @@ def pytorch_roles(params: Any = None, *, overrides: Mapping[str, Any] | None = N
     one. PyTorch stores ``nn.Linear`` weights as ``(out, in)`` and ``nn.ConvNd`` weights as
     ``(out, in // groups, *kernel)``, so:
 
-    * a 2-axis ``weight`` is ``dense(in_axes=1, out_axes=0)``;
+    * a 2-axis ``weight`` is ``dense(in_axes=1, out_axes=0)``; under a module whose name contains
+      ``emb`` it is ``embedding()``, an ``nn.Embedding`` table ``(num, dim)``: both read the
+      weight as the map from its second axis to its first, so the two give the same update;
     * a 3- to 5-axis ``weight`` is ``conv(spatial_axes=(2, ...), in_axis=1, out_axis=0)``;
     * a 1-axis ``weight`` is a normalisation layer's scale (``BatchNorm``, ``LayerNorm``);
     * a ``bias`` moves with the ``weight`` beside it (or is a norm-layer offset beside a 1-axis
       ``weight``).
 
     What PyTorch's names and shapes do not decide is an error listing every such leaf, unless
-    ``overrides`` gives its role: ``nn.Embedding`` tables (``(num, dim)``, like a Linear weight;
-    a 2-axis weight under a module whose name contains ``emb`` is refused), convolutions with one
+    ``overrides`` gives its role: convolutions with one
     input channel per group (depthwise, or a one-channel input), fused attention projections
     (``in_proj_weight``) and buffers (``running_mean``: pass parameters only). Grouped
     convolutions with several channels per group cannot be told from their shape: give them
@@ -98,7 +100,7 @@ def pytorch_roles(params: Any = None, *, overrides: Mapping[str, Any] | None = N
             f"pytorch_roles cannot decide {len(problems)} leaves:\n"
             + "\n".join(problems)
             + "\nGive them in pytorch_roles(overrides={path: role}), e.g. "
-            "{'tok_emb.weight': agd_optax.embedding()}, or read the roles off the computation "
+            "{'dw.weight': agd_optax.conv((2, 3), 1, 0, groups=8)}, or read the roles off the computation "
             "with agd_optax.trace_roles."
         )
     return jax.tree_util.tree_unflatten(treedef, roles)
@@ -111,12 +113,9 @@ def _role(keys: tuple[str, ...], shape: tuple[int, ...], weight) -> Role:
         if ndim == 1:
             return norm()
         if ndim == 2:
-            if "emb" in module.lower():
-                raise RoleError(
-                    "an embedding table (num, dim) or a Linear weight (out, in)? give "
-                    "embedding() or dense(in_axes=1, out_axes=0)"
-                )
-            return dense(1, 0)
+            # An nn.Embedding table (num, dim) is the map dim -> num, as AGD reads embeddings:
+            # the same fan-in and fan-out as a Linear weight (out, in).
+            return embedding() if "emb" in module.lower() else dense(1, 0)
         if 3 <= ndim <= 5:
             if shape[1] == 1 and shape[0] > 1:
                 raise RoleError(

@@ -134,11 +134,11 @@ def test_pytorch_roles_on_a_state_dict():
         "bn": {"running_mean": jnp.zeros(8)},
         "fc": {"weight": jnp.zeros((2, 8))},
     }
-    with pytest.raises(RoleError, match=r"3 leaves(.|\n)*'dw/weight'(.|\n)*'emb/weight'"):
+    with pytest.raises(RoleError, match=r"2 leaves(.|\n)*'dw/weight'") as error:
         agd_optax.resolve_layouts(nested, agd_optax.pytorch_roles)
+    assert "emb/weight" not in str(error.value)  # An nn.Embedding table needs no override.
     roles = agd_optax.pytorch_roles(
         overrides={
-            "emb": agd_optax.embedding(),
             "dw.weight": agd_optax.conv((2, 3), 1, 0, groups=8),
             "bn": agd_optax.norm(),
         }
@@ -146,3 +146,7 @@ def test_pytorch_roles_on_a_state_dict():
     lay = _lay(nested, roles)
     assert lay["dw/weight"].scale == pytest.approx(1 / 3)
     assert lay["emb/weight"].scale == pytest.approx(math.sqrt(100 / 8))
+    # The table reads as an embedding, the same map (dim -> num) as a Linear weight (out, in).
+    table = {"emb": {"weight": jnp.zeros((100, 8))}}
+    as_linear = _lay(table, {"emb": {"weight": agd_optax.dense(in_axes=1, out_axes=0)}})
+    assert as_linear["emb/weight"] == _lay(table, agd_optax.pytorch_roles)["emb/weight"]
