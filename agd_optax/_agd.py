@@ -355,9 +355,12 @@ def agd(
       >>> optimizer = nnx.Optimizer(model, agd_optax.agd(), wrt=nnx.Param)
       >>> x = jax.random.normal(jax.random.key(0), (32, 2)); y = x[:, :1] * x[:, 1:]
       >>> loss_fn = lambda m: jnp.mean((m(x) - y) ** 2)
+      >>> @nnx.jit
+      ... def train_step(model, optimizer):
+      ...   optimizer.update(model, nnx.grad(loss_fn)(model))
       >>> first = loss_fn(model)
       >>> for _ in range(20):
-      ...   _ = optimizer.update(model, nnx.grad(loss_fn)(model))
+      ...   train_step(model, optimizer)
       >>> bool(loss_fn(model) < first)
       True
 
