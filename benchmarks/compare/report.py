@@ -98,7 +98,8 @@ def markdown(suite: str, result: dict[str, Any]) -> str:
         f"{meta['grid_description']}, each point trained once on 80% of the training set and "
         "scored on the held-out 20% (the final validation accuracy, or for a language model the "
         "final validation loss, picks the learning rate; the test set is never used to choose). "
-        "No weight decay; constant learning rates unless a table says otherwise.",
+        "No weight decay and constant learning rates, except where a row's description or a table "
+        "says otherwise (the AlgoPerf rows keep their published weight decay and schedule).",
         "",
     ]
     if any(w.get("metric", "accuracy") == "accuracy" for w in result["workloads"]):
