@@ -50,6 +50,11 @@ class _Info:
     normalised: bool = False  # Carries 1/sqrt of statistics (a normalisation layer's output).
     # The output of weight ops: (weight leaf, per array axis the weight's leaf axes it runs over).
     outputs: tuple[tuple[int, tuple[Axes, ...]], ...] = ()
+    # Index patterns, one flag per array axis: the axis along which the value counts 0, 1, 2...
+    # (``iota``), and the axis along which it is a one-hot indicator of integer ids (``eq`` of ids
+    # with such a count, as ``jax.nn.one_hot`` makes it).
+    iota: tuple[bool, ...] = ()
+    one_hot: tuple[bool, ...] = ()
 
 
 _EMPTY = _Info()
@@ -169,15 +174,18 @@ class _WeightOps:
         for side, (info, c, b) in enumerate(((ins[0], lc, lb), (ins[1], rc, rb))):
             ndim = len(eqn.invars[side].aval.shape)
             free = [d for d in range(ndim) if d not in c and d not in b]
+            # one_hot(ids) @ table is a lookup, as table[ids] is: contracted over the one-hot axis.
+            hot = ins[1 - side].one_hot
+            lookup = hot.count(True) == 1 and [hot.index(True)] == list((rc, lc)[side])
             for v in info.views:
                 fan_in = [x for d in c for x in v.axes[d]]
                 fan_out = [x for d in free for x in v.axes[d]]
                 stack = [x for d in b for x in v.axes[d]]
-                what = f"'dot_general'{where}"
-                role = self._weight_role(v, fan_in, fan_out, stack, what)
+                what = f"'dot_general'{' with one-hot ids (a lookup)' if lookup else ''}{where}"
+                role = self._weight_role(v, fan_in, fan_out, stack, what, lookup=lookup)
                 if role is None:
                     continue
-                self.uses[v.leaf].append(_Use("weight", what, role))
+                self.uses[v.leaf].append(_Use("lookup" if lookup else "weight", what, role))
                 other_free = len(eqn.invars[1 - side].aval.shape) - len(c) - len(b)
                 axes = [v.axes[d] for d in b]
                 if side == 0:

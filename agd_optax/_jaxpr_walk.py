@@ -124,7 +124,20 @@ class _Tracer(_WeightOps):
             axes, dropped = fn(v.axes, self.shapes[v.leaf])
             views.append(_View(v.leaf, tuple(axes), v.selected | frozenset(dropped)))
         outputs = tuple((w, tuple(fn(axes, self.shapes[w])[0])) for w, axes in info.outputs)
-        return dataclasses.replace(info, views=tuple(views), outputs=outputs)
+
+        def flags(marked: tuple[bool, ...]) -> tuple[bool, ...]:  # Where a marked axis goes.
+            if not marked:
+                return ()
+            new, _ = fn([(-1,) if m else () for m in marked], None)
+            return tuple(-1 in axes for axes in new)
+
+        return dataclasses.replace(
+            info,
+            views=tuple(views),
+            outputs=outputs,
+            iota=flags(info.iota),
+            one_hot=flags(info.one_hot),
+        )
 
     # Shape primitives ----------------------------------------------------------------------
     def _transpose(self, eqn, ins, where):
@@ -165,6 +178,26 @@ class _Tracer(_WeightOps):
     def _concatenate(self, eqn, ins, where):
         views = tuple(v for i in ins for v in i.views)
         return [_Info(views=views, const=all(i.const for i in ins))]
+
+    # Index patterns ------------------------------------------------------------------------
+    def _iota(self, eqn, ins, where):
+        ndim = len(eqn.params["shape"])
+        return [_Info(const=True, iota=tuple(d == eqn.params["dimension"] for d in range(ndim)))]
+
+    def _eq(self, eqn, ins, where):
+        """``ids == iota`` along an axis where the ids do not vary: a one-hot indicator."""
+        if any(i.views for i in ins):
+            self.other(ins, f"'eq'{where}")
+            return [_EMPTY]
+        out_shape = tuple(eqn.outvars[0].aval.shape)
+        for count, ids, var in ((ins[0], ins[1], eqn.invars[1]), (ins[1], ins[0], eqn.invars[0])):
+            shape = tuple(getattr(var.aval, "shape", ()))
+            if count.iota.count(True) != 1 or ids.const or len(count.iota) != len(out_shape):
+                continue
+            axis = count.iota.index(True)
+            if len(shape) == len(out_shape) and shape[axis] == 1 < out_shape[axis]:
+                return [_Info(one_hot=count.iota)]
+        return [_Info(const=all(i.const for i in ins))]
 
     # Elementwise ---------------------------------------------------------------------------
     def _binary(self, eqn, ins, where) -> _Info:
@@ -250,7 +283,9 @@ class _Tracer(_WeightOps):
             _View(v.leaf, v.axes[1:], v.selected | frozenset(v.axes[0])) for v in info.views
         )
         outputs = tuple((w, axes[1:]) for w, axes in info.outputs)
-        return dataclasses.replace(info, views=views, outputs=outputs)
+        return dataclasses.replace(
+            info, views=views, outputs=outputs, iota=info.iota[1:], one_hot=info.one_hot[1:]
+        )
 
     def _cond(self, eqn, ins, where):
         results = [self.run(br.jaxpr, ins[1:]) for br in eqn.params["branches"]]

@@ -9,7 +9,8 @@ broadcasts, to the operation that gives it its role:
 * ``conv_general_dilated``: a convolution; spatial, input and output axes from the dimension
   numbers, groups from ``feature_group_count``.
 * ``gather`` with many indices into a table: an embedding lookup (the indexed axis is the fan-out,
-  as in :func:`agd_optax.embedding`).
+  as in :func:`agd_optax.embedding`); so is a ``dot_general`` that contracts the table with a
+  one-hot of integer ids (``jax.nn.one_hot(ids, n) @ table``, ``arange(n) == ids[..., None]``).
 * an axis taken away one slice at a time (``lax.scan`` over the parameter, ``W[i]``,
   ``W[0]``): a stack axis; every slice is a separate weight.
 * a parameter added to the output of a weight's operation, varying only along that weight's

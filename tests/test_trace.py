@@ -114,6 +114,30 @@ def test_pytorch_layout_gets_the_update_of_the_flax_layout():
     chex.assert_trees_all_close(s_t[0], s_f[0], rtol=1e-6)
 
 
+def test_a_one_hot_product_is_a_lookup_like_indexing():
+    params = {"embed": jnp.zeros((50, 8)), "w": jnp.zeros((8, 4))}
+    ids = jnp.zeros((2, 3), jnp.int32)
+    forms = {
+        "indexing": lambda p, ids: p["embed"][ids] @ p["w"],
+        "one_hot": lambda p, ids: jax.nn.one_hot(ids, 50) @ p["embed"] @ p["w"],
+        "arange": lambda p, ids: (
+            (jnp.arange(50)[None, None] == ids[..., None]).astype(jnp.float32) @ p["embed"] @ p["w"]
+        ),
+        "einsum": lambda p, ids: (
+            jnp.einsum("btv,vd->btd", jax.nn.one_hot(ids, 50), p["embed"]) @ p["w"]
+        ),
+    }
+    for name, fn in forms.items():
+        roles = agd_optax.trace_roles(fn, params, ids)
+        assert roles["embed"] == agd_optax.embedding(), name
+    tied = lambda p, ids: jax.nn.one_hot(ids, 50) @ p["embed"] @ p["w"] @ p["embed"].T
+    square = {"embed": params["embed"], "w": jnp.zeros((8, 8))}
+    assert agd_optax.trace_roles(tied, square, ids)["embed"] == agd_optax.embedding()
+    # A comparison with a constant is a mask, not a one-hot: its product is an ordinary weight.
+    masked = lambda p, ids: ((ids == 0)[..., None] * jnp.ones((2, 3, 50))) @ p["embed"] @ p["w"]
+    assert agd_optax.trace_roles(masked, params, ids)["embed"] == agd_optax.dense(0, 1)
+
+
 def test_tied_embedding_is_one_weight_whose_lookup_and_head_agree():
     params = {"embed": jnp.zeros((50, 8)), "w": jnp.zeros((8, 8))}
 
