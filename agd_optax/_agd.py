@@ -13,8 +13,8 @@ from jax.sharding import PartitionSpec
 
 from agd_optax._checks import check_gain, check_same_structure
 from agd_optax._layouts import Layout, resolve_layouts
+from agd_optax._paths import path_to_keys, path_to_str
 from agd_optax._rescale import eta_of, rescaled_step
-from agd_optax._roles import path_to_keys, path_to_str
 
 __all__ = ["AGDState", "agd", "scale_by_agd"]
 

@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from agd_optax._roles import path_to_keys, path_to_str
+from agd_optax._paths import path_to_keys, path_to_str
 
 
 def check_same_structure(updates: Any, params: Any) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import jax
 
 from agd_optax._naming import _Undecided, infer_role, raise_undecided, siblings_of
+from agd_optax._paths import path_to_keys, path_to_str
 from agd_optax._roles import (
     Role,
     RoleError,
@@ -17,8 +18,6 @@ from agd_optax._roles import (
     dense,
     embedding,
     norm,
-    path_to_keys,
-    path_to_str,
 )
 
 __all__ = ["nnx_roles"]

@@ -10,16 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from agd_optax._naming import _Undecided, infer_role, raise_undecided, siblings_of
-from agd_optax._roles import (
-    _HELP,
-    _WEIGHT_KINDS,
-    Role,
-    RoleError,
-    _shape,
-    as_role,
-    path_to_keys,
-    path_to_str,
-)
+from agd_optax._paths import leaf_shape, path_to_keys, path_to_str
+from agd_optax._roles import _HELP, _WEIGHT_KINDS, Role, RoleError, as_role
 
 __all__ = ["Layout", "resolve_layouts"]
 
@@ -190,7 +182,7 @@ def resolve_layouts(params: Any, roles: Any = None) -> list[Layout]:
     if callable(roles) and not isinstance(roles, Role):
         roles = roles(params)
     given = [None] * len(flat) if roles is None else _broadcast_roles(roles, params)
-    shapes = [_shape(x) for _, x in flat]
+    shapes = [leaf_shape(x) for _, x in flat]
     sib = siblings_of(all_keys, shapes)
     index = {k: i for i, k in enumerate(all_keys)}
     undecided = []
@@ -240,7 +232,7 @@ def resolve_layouts(params: Any, roles: Any = None) -> list[Layout]:
                 f"leaf '{paths[i]}': a bias can follow a stacked weight only when the stack axes "
                 f"are leading axes of both (owner '{paths[owner]}' stacks on {w.stack_axes})"
             )
-        owner_shape = _shape(flat[owner][1])
+        owner_shape = leaf_shape(flat[owner][1])
         if n_stack and shape[:n_stack] != owner_shape[:n_stack]:
             raise RoleError(
                 f"leaf '{paths[i]}' with shape {shape} does not share the stack dims "
@@ -286,5 +278,7 @@ def _check_leaf(path: str, x: Any) -> None:
             f"leaf '{path}' has dtype {dtype}; AGD updates floating-point parameters only "
             "(filter integer state out of the tree, e.g. nnx.Optimizer(..., wrt=nnx.Param))"
         )
-    if math.prod(_shape(x)) == 0:
-        raise ValueError(f"leaf '{path}' with shape {_shape(x)} is empty; AGD cannot normalise it")
+    if math.prod(leaf_shape(x)) == 0:
+        raise ValueError(
+            f"leaf '{path}' with shape {leaf_shape(x)} is empty; AGD cannot normalise it"
+        )

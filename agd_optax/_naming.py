@@ -32,18 +32,8 @@ from typing import Any
 
 import jax
 
-from agd_optax._roles import (
-    Role,
-    RoleError,
-    _shape,
-    bias,
-    conv,
-    dense,
-    embedding,
-    norm,
-    path_to_keys,
-    path_to_str,
-)
+from agd_optax._paths import leaf_shape, path_to_keys, path_to_str
+from agd_optax._roles import Role, RoleError, bias, conv, dense, embedding, norm
 
 __all__ = ["infer_role", "infer_roles", "raise_undecided"]
 
@@ -247,7 +237,7 @@ def infer_roles(params: Any) -> Any:
     """
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     all_keys = [path_to_keys(p) for p, _ in leaves]
-    shapes = [_shape(x) for _, x in leaves]
+    shapes = [leaf_shape(x) for _, x in leaves]
     sib = siblings_of(all_keys, shapes)
     roles, errors = [], []
     for keys, shape in zip(all_keys, shapes):

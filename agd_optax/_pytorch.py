@@ -8,18 +8,16 @@ from typing import Any
 
 import jax
 
+from agd_optax._paths import leaf_shape, path_to_keys, path_to_str
 from agd_optax._roles import (
     Role,
     RoleError,
-    _shape,
     as_role,
     bias,
     conv,
     dense,
     embedding,
     norm,
-    path_to_keys,
-    path_to_str,
 )
 
 __all__ = ["pytorch_roles"]
@@ -73,7 +71,7 @@ def pytorch_roles(params: Any = None, *, overrides: Mapping[str, Any] | None = N
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     keys = [path_to_keys(p) for p, _ in flat]
     split = [_split(k) for k in keys]
-    shapes = [_shape(x) for _, x in flat]
+    shapes = [leaf_shape(x) for _, x in flat]
     index = {s: i for i, s in enumerate(split)}
     used = set()
     roles: list[Role | None] = []

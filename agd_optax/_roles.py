@@ -30,7 +30,6 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax
 import numpy as np
 
 __all__ = [
@@ -41,8 +40,6 @@ __all__ = [
     "dense",
     "embedding",
     "norm",
-    "path_to_keys",
-    "path_to_str",
 ]
 
 _WEIGHT_KINDS = ("dense", "conv", "embedding")
@@ -255,40 +252,3 @@ def as_role(value: Any, path: str) -> Role | None:
         f"(dense(), conv(), embedding(), bias(), norm()) or one of the strings "
         f"{sorted(_SHORTHANDS) + ['infer']}"
     )
-
-
-# --------------------------------------------------------------------------------------------------
-# Paths.
-
-
-def _key_str(key: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def path_to_keys(path: Sequence[Any]) -> tuple[str, ...]:
-    """A JAX key path as a tuple of strings, without the trailing ``.value`` of an NNX Variable."""
-    keys = [_key_str(k) for k in path]
-    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and keys[-1] == "value":
-        keys.pop()
-    return tuple(keys)
-
-
-def path_to_str(keys: Sequence[str]) -> str:
-    return "/".join(keys) if keys else "<root>"
-
-
-def _shape(x: Any) -> tuple[int, ...]:
-    """A leaf's shape: arrays, NumPy scalars and ``jax.ShapeDtypeStruct`` alike."""
-    return tuple(int(d) for d in (x.shape if hasattr(x, "shape") else np.shape(x)))
-
-
-def __getattr__(name: str) -> Any:
-    """``Layout`` and ``resolve_layouts`` moved to ``_layouts``; imports from here still work."""
-    if name in ("Layout", "resolve_layouts"):
-        from agd_optax import _layouts
-
-        return getattr(_layouts, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

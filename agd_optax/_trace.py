@@ -33,7 +33,8 @@ import numpy as np
 
 from agd_optax._jaxpr_ops import _EMPTY, _Info, _Use, _View
 from agd_optax._jaxpr_walk import _Tracer
-from agd_optax._roles import Role, RoleError, bias, path_to_keys, path_to_str
+from agd_optax._paths import path_to_keys, path_to_str
+from agd_optax._roles import Role, RoleError, bias
 
 __all__ = ["trace_roles"]
 

@@ -29,7 +29,7 @@ import optax
 from flax import nnx
 
 import agd_optax
-from agd_optax._roles import path_to_keys
+from agd_optax._paths import path_to_keys
 
 AGD_RULES = ("library", "1d_lr_free", "1d_frozen", "embedding_fan_in_vocab")
 DEFAULT_RULE = "1d_lr_free"  # The training program's; measured in the evidence suite's rules.

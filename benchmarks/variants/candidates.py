@@ -19,7 +19,7 @@ import optax
 
 import agd_optax
 from agd_optax._agd import _agd_updates
-from agd_optax._roles import resolve_layouts
+from agd_optax._layouts import resolve_layouts
 
 
 class MomentumState(NamedTuple):
