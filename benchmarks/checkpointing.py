@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from benchmarks.workdir import write_atomic
+from benchmarks.run_folder import write_atomic
 
 SUMS_FILE = "SHA256SUMS"
 RECORD_FILE = "epoch.json"

@@ -15,6 +15,7 @@ from typing import Any
 import optax
 
 import agd_optax
+from benchmarks import rules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,7 @@ class Hyper:
     total_steps: int = 0  # Steps of the whole run (fixed schedules: warmup and decay).
     # AGD's leaf roles of the model, computed when called; None: inferred from parameter names.
     roles: Callable[[], Any] | None = None
+    agd_rule: str = rules.DEFAULT_RULE  # AGD's rule for 1-D leaves and embeddings (rules.py).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,10 +68,16 @@ class Optimizer:
     compare: tuple[Row, ...] = ()
     # Schedule-free: (opt_state, params) -> the parameters to evaluate.
     eval_params: Callable[[Any, Any], Any] | None = None
+    schedule_spans_run: bool = False  # Its own schedule over the run's total steps.
 
     @property
     def takes_lr(self) -> bool:
         return self.default_lr is not None
+
+    def epochs_matter(self, config: Any) -> bool:
+        """Whether the number of epochs enters the computation (a schedule over the whole run),
+        so that a resumed run may not change it."""
+        return self.schedule_spans_run or (self.takes_lr and config.schedule != "constant")
 
 
 def _roles(hyper: Hyper):
@@ -138,7 +146,11 @@ contrib = optax.contrib
 # name: Optimizer(build, description, default_lr, ...); a Row label "" is the optimizer's name.
 OPTIMIZERS: dict[str, Optimizer] = {
     "agd": Optimizer(
-        lambda h: agd_optax.agd(h.gain, roles=_roles(h)),
+        lambda h: (
+            agd_optax.agd(h.gain)
+            if h.roles is None
+            else rules.agd_transformation(h.agd_rule, h.gain, h.roles())
+        ),
         "Automatic Gradient Descent (--gain; no learning rate)",
         agd_init=True,
         logged=("eta",),
@@ -224,12 +236,43 @@ OPTIMIZERS.update({
         compare=(Row("agd_momentum", "AGD with momentum 0.9 (no setting)"),)),
     "schedule_free_adamw_algoperf": Optimizer(
         _algoperf_schedule_free, "Schedule-free AdamW, AlgoPerf self-tuning winner's settings",
+        schedule_spans_run=True,
         compare=(Row("schedule_free_adamw_algoperf", "Schedule-free AdamW, AlgoPerf settings"),),
         eval_params=contrib.schedule_free_eval_params),
     "nadamw_algoperf": Optimizer(
         _algoperf_nadamw, "NadamW, AlgoPerf self-tuning baseline's settings and schedule",
+        schedule_spans_run=True,
         compare=(Row("nadamw_algoperf", "NadamW, AlgoPerf baseline settings and schedule"),)),
 })  # fmt: skip
+
+
+def resolve(
+    config: Any, total_steps: int, steps_per_epoch: int, roles: Callable[[], Any] | None
+) -> tuple[Optimizer, optax.GradientTransformation]:
+    """The registry entry of ``config.optimizer`` and its transformation for a run: its learning
+    rate and schedule, its own options, AGD's rule, ``roles`` (a callable giving the model's
+    leaf roles, asked only by the optimizers that use them) and, with
+    ``config.skip_nonfinite``, ``optax.apply_if_finite`` around it."""
+    spec = get(config.optimizer)
+    lr = None
+    if spec.takes_lr:
+        peak = spec.default_lr if config.lr is None else config.lr
+        warmup = int(config.warmup_epochs * steps_per_epoch)
+        lr = learning_rate(peak, config.schedule, warmup, total_steps)
+    hyper = Hyper(
+        lr=lr,
+        weight_decay=config.weight_decay,
+        momentum=config.momentum,
+        gain=config.gain,
+        options=resolve_options(config.optimizer, config.optimizer_options),
+        roles=roles,
+        total_steps=total_steps,
+        agd_rule=config.agd_rule,
+    )
+    tx = spec.build(hyper)
+    if config.skip_nonfinite:
+        tx = optax.apply_if_finite(tx, config.skip_nonfinite)
+    return spec, tx
 
 
 def get(name: str) -> Optimizer:

@@ -35,8 +35,16 @@ def shard_batch(mesh: Mesh, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
     return tuple(jax.make_array_from_process_local_data(sharding, a) for a in arrays)
 
 
-def prefetch_to_device(mesh: Mesh, batches: Iterator[tuple[np.ndarray, ...]], size: int = 2):
-    """Shards the next ``size`` batches onto the devices while the current step runs."""
+def prefetch_to_device(
+    mesh: Mesh, batches: Iterator[tuple[np.ndarray, ...]], size: int | None = None
+):
+    """Shards the next ``size`` batches onto the devices while the current step runs (default:
+    2 on accelerators; none on CPU, where the copies would take the cores the step runs on)."""
+    if size is None:
+        size = 0 if mesh.devices.flat[0].platform == "cpu" else 2
+    if size == 0:
+        yield from (shard_batch(mesh, *batch) for batch in batches)
+        return
     queue: collections.deque = collections.deque()
     for batch in batches:
         queue.append(shard_batch(mesh, *batch))
@@ -61,10 +69,6 @@ def fsdp_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
 
 def fsdp_shardings(mesh: Mesh, tree):
     return jax.tree.map(lambda x: fsdp_sharding(mesh, tuple(x.shape)), tree)
-
-
-def replicate(mesh: Mesh, tree):
-    return jax.device_put(tree, replicated(mesh))
 
 
 def data_size(mesh: Mesh) -> int:

@@ -24,9 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
-from flax import nnx
 
 import agd_optax
 from agd_optax._paths import path_to_keys
@@ -35,15 +33,8 @@ AGD_RULES = ("library", "1d_lr_free", "1d_frozen", "embedding_fan_in_vocab")
 DEFAULT_RULE = "1d_lr_free"  # The training program's; measured in the evidence suite's rules.
 
 
-def default_roles(arch: str, model: nnx.Module, context: int | None = None) -> Any:
-    """The library's roles for ``model``'s parameters, as a pytree: read off the forward pass
-    for the transformer (stacked blocks included), off the module types otherwise."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    if arch == "transformer":
-        tokens = jnp.zeros((1, context), jnp.int32)
-        forward = lambda p, r, x: nnx.merge(graphdef, p, r)(x)  # noqa: E731
-        return agd_optax.trace_roles(forward, params, rest, tokens)
-    return agd_optax.nnx_roles(model)(params)
+def _is_role(x: Any) -> bool:
+    return isinstance(x, agd_optax.Role)
 
 
 def _flat(tree: Any, is_leaf=None) -> dict[tuple[str, ...], Any]:
@@ -61,51 +52,53 @@ def _nested(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
     return out
 
 
-def rule_roles(rule: str, arch: str, model: nnx.Module, context: int | None = None) -> dict:
-    """The roles of ``rule`` for every parameter, as a nested dict by path."""
+def rule_roles(rule: str, roles: Any) -> dict:
+    """The roles of ``rule`` for every parameter, as a nested dict by path, from the library's
+    ``roles`` of the model (``Task.roles``)."""
     if rule not in AGD_RULES:
         raise ValueError(f"unknown AGD rule {rule!r}; expected one of {AGD_RULES}")
-    is_role = lambda x: isinstance(x, agd_optax.Role)  # noqa: E731
-    roles = _flat(default_roles(arch, model, context), is_leaf=is_role)
+    flat = _flat(roles, is_leaf=_is_role)
     if rule == "embedding_fan_in_vocab":
-        tables = [k for k in roles if k[-1] == "embedding"]
+        tables = [k for k in flat if k[-1] == "embedding"]
         if not tables:
             raise ValueError("rule 'embedding_fan_in_vocab' needs a model with embedding tables")
         for keys in tables:
-            roles[keys] = agd_optax.dense(in_axes=-2, out_axes=-1)
-    return _nested(roles)
+            flat[keys] = agd_optax.dense(in_axes=-2, out_axes=-1)
+    return _nested(flat)
 
 
-def reinitialize_for_rule(
-    rule: str, arch: str, model: nnx.Module, key: jax.Array, context: int | None = None
-) -> None:
-    """Re-initialises, with AGD's initialisation, each weight whose role ``rule`` changes."""
+def changed_by_rule(rule: str, roles: Any) -> dict | None:
+    """The roles of the weights whose role ``rule`` changes (a nested dict by path, each weight
+    to be initialised anew by its new role), or None when it changes none."""
     if rule in ("library", "1d_lr_free", "1d_frozen"):
-        return
-    is_role = lambda x: isinstance(x, agd_optax.Role)  # noqa: E731
-    before = _flat(default_roles(arch, model, context), is_leaf=is_role)
-    after = _flat(rule_roles(rule, arch, model, context), is_leaf=is_role)
-    state = nnx.state(model, nnx.Param)
-    fresh = agd_optax.reinitialize(key, state, _nested(after))
-    changed = {k for k in after if after[k] != before[k]}
-    pure = lambda v: v[...] if isinstance(v, nnx.Variable) else v  # noqa: E731
-    new = {
-        k: pure(v) for k, v in _flat(fresh, is_leaf=lambda v: isinstance(v, nnx.Variable)).items()
-    }
-    for keys, var in _flat(state, is_leaf=lambda v: isinstance(v, nnx.Variable)).items():
-        if keys in changed:
-            var.set_value(new[keys])
+        return None
+    before = _flat(roles, is_leaf=_is_role)
+    after = _flat(rule_roles(rule, roles), is_leaf=_is_role)
+    return _nested({k: r for k, r in after.items() if r != before[k]})
 
 
-def agd_transformation(
-    rule: str, gain: float, arch: str, model: nnx.Module, context: int | None = None
-) -> optax.GradientTransformation:
-    """AGD under ``rule``: one transformation for the whole parameter tree."""
-    roles = rule_roles(rule, arch, model, context)
+def reinitialize_for_rule(rule: str, params: Any, key: jax.Array, roles: Any) -> Any:
+    """``params`` with each weight whose role ``rule`` changes initialised anew, AGD's way, by
+    its new role; the other leaves unchanged. Traceable (the training program jits it)."""
+    changed = changed_by_rule(rule, roles)
+    if changed is None:
+        return params
+    changed_keys = set(_flat(changed, is_leaf=_is_role))
+    fresh = agd_optax.reinitialize(key, params, rule_roles(rule, roles))
+
+    def pick(path, new, old):
+        return new if path_to_keys(path) in changed_keys else old
+
+    return jax.tree_util.tree_map_with_path(pick, fresh, params)
+
+
+def agd_transformation(rule: str, gain: float, roles: Any) -> optax.GradientTransformation:
+    """AGD under ``rule``, given the library's ``roles`` of the model: one transformation for
+    the whole parameter tree."""
+    roles = rule_roles(rule, roles)
     if rule not in ("1d_lr_free", "1d_frozen"):
         return agd_optax.agd(gain, roles=roles)
-    is_role = lambda x: isinstance(x, agd_optax.Role)  # noqa: E731
-    flat = _flat(roles, is_leaf=is_role)
+    flat = _flat(roles, is_leaf=_is_role)
     one_d = {k for k, r in flat.items() if r.kind in ("bias", "norm")}
     if not one_d:  # Nothing for the rule to change.
         return agd_optax.agd(gain, roles=roles)

@@ -1,111 +1,49 @@
-"""The model, the optimizer and the jitted train and eval steps (``Trainer``)."""
+"""A run's state (model and optimizer) and its jitted train and eval steps: ``Trainer``.
+
+The state is initialised by one jitted function for the whole tree: the model is built, AGD's
+scaled orthogonal initialisation (and the weights an AGD rule re-reads) replaces Flax's inside
+that function, so Flax's own draws for those weights are dead code XLA removes, and the optimizer
+state is created beside it. The steps are module-level functions compiled ahead of time once per
+process for each model, setting and batch shape (``_compiled``), so a suite of runs in one process
+compiles each distinct step once; the seconds spent compiling are counted apart from training.
+"""
 
 from __future__ import annotations
 
-import math
+import dataclasses
+import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 import agd_optax
-from benchmarks import optimizers, parallel, rules
+from benchmarks import parallel, rules
 from benchmarks.config import Config
-from benchmarks.input_pipeline import eval_batches
-from benchmarks.models import ALIASES, ARCHITECTURES, make_model
-
-# Losses.
+from benchmarks.models import make_model
+from benchmarks.task import Task, per_example_loss
 
 
-def per_example_loss(kind: str, logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """``mse``: the paper's square loss against one-hot targets scaled by sqrt(classes), averaged
-    over classes; ``xent``: softmax cross-entropy. Both computed in float32."""
-    logits = logits.astype(jnp.float32)
-    num_classes = logits.shape[-1]
-    if kind == "mse":
-        target = jax.nn.one_hot(labels, num_classes) * math.sqrt(num_classes)
-        return jnp.mean(jnp.square(logits - target), axis=-1)
-    if kind == "xent":
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    raise ValueError(f"unknown loss {kind!r}; expected 'mse' or 'xent'")
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What a step depends on besides the state and the batch (static, hashable)."""
+
+    loss: str
+    skip_nonfinite: bool
+    logged: tuple[str, ...]  # Optimizer-state fields returned as metrics every step.
+    dtype: str  # Compute dtype of the forward pass (parameters stay float32).
+    eval_params: Callable[[Any, Any], Any] | None  # Schedule-free: the point evaluated.
 
 
-# --------------------------------------------------------------------------------------------------
-# Model and optimizer.
-
-
-def build_model(config: Config, data) -> nnx.Module:
-    """The model of ``config``; AGD runs (``Optimizer.agd_init``) start from AGD's scaled
-    orthogonal initialisation, baselines from Flax's usual initialisers (the transformer: GPT-2's).
-    The architecture's own options (``Architecture.options``) are the same-named Config fields."""
-    arch = ARCHITECTURES[ALIASES.get(config.arch, config.arch)]
-    agd_init = optimizers.get(config.optimizer).agd_init
-    options = {name: getattr(config, name) for name in arch.options}
-    if arch.task == "language":  # Initialised by the model itself, AGD's way or GPT-2's.
-        num_classes, input_shape = data.vocab_size, (config.context,)
-        options["init"] = "agd" if agd_init else "gpt2"
-    else:
-        num_classes, input_shape = data.num_classes, data.input_shape
-    model = make_model(
-        config.arch,
-        num_classes=num_classes,
-        input_shape=input_shape,
-        depth=config.depth if arch.fixed_depth is None else None,
-        width=config.width,
-        bias=config.bias,
-        rngs=nnx.Rngs(config.seed),
-        **options,
-    )
-    if agd_init and arch.task != "language":
-        params = nnx.state(model, nnx.Param)
-        key = jax.random.fold_in(jax.random.key(config.seed), 1)
-        nnx.update(model, agd_optax.reinitialize(key, params, agd_optax.nnx_roles(model)))
-    if config.optimizer == "agd":  # Weights whose role the rule changes, initialised by it.
-        key = jax.random.fold_in(jax.random.key(config.seed), 3)
-        rules.reinitialize_for_rule(config.agd_rule, config.arch, model, key, config.context)
-    return model
-
-
-def agd_roles(config: Config, model: nnx.Module) -> Any:
-    """AGD's roles for ``model``: read off its forward pass for language models (stacked blocks
-    included), off its module types otherwise."""
-    if ARCHITECTURES[ALIASES.get(config.arch, config.arch)].task == "language":
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        tokens = jnp.zeros((1, config.context), jnp.int32)
-        forward = lambda p, r, x: nnx.merge(graphdef, p, r)(x)  # noqa: E731
-        return agd_optax.trace_roles(forward, params, rest, tokens)
-    return agd_optax.nnx_roles(model)
-
-
-def make_tx(
-    config: Config, model: nnx.Module | None, total_steps: int, steps_per_epoch: int
-) -> optax.GradientTransformation:
-    """The optax transformation of ``config.optimizer`` (``optimizers.OPTIMIZERS``), with the
-    configured learning-rate schedule for optimizers that take a learning rate."""
-    if config.optimizer == "agd" and config.agd_rule != "library":  # Its 1-D or embedding rule.
-        if model is None:
-            raise ValueError(f"agd_rule {config.agd_rule!r} needs the model")
-        return rules.agd_transformation(
-            config.agd_rule, config.gain, config.arch, model, config.context
-        )
-    spec = optimizers.get(config.optimizer)
-    lr = None
-    if spec.takes_lr:
-        peak = spec.default_lr if config.lr is None else config.lr
-        warmup = int(config.warmup_epochs * steps_per_epoch)
-        lr = optimizers.learning_rate(peak, config.schedule, warmup, total_steps)
-    hyper = optimizers.Hyper(
-        lr=lr,
-        weight_decay=config.weight_decay,
-        momentum=config.momentum,
-        gain=config.gain,
-        options=optimizers.resolve_options(config.optimizer, config.optimizer_options),
-        roles=None if model is None else (lambda: agd_roles(config, model)),
-        total_steps=total_steps,
-    )
-    return spec.build(hyper)
+def compute_dtype(config: Config) -> str:
+    """bfloat16 compute (float32 parameters) on accelerators, float32 on CPU, unless configured."""
+    if config.compute_dtype is not None:
+        return config.compute_dtype
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
 def _pure(tree: Any) -> Any:
@@ -114,18 +52,6 @@ def _pure(tree: Any) -> Any:
     return jax.tree.map(
         lambda v: v.get_value(), tree, is_leaf=lambda v: isinstance(v, nnx.Variable)
     )
-
-
-def _opt_scalar(opt_state: Any, name: str, optimizer: str) -> jax.Array:
-    """An optimizer-state field (AGD's eta) as a float32 array."""
-    found = optax.tree.get(_pure(opt_state), name, None)
-    if found is None:
-        raise ValueError(f"optimizer {optimizer!r} logs {name!r}, but its state has no such field")
-    return jnp.asarray(found, jnp.float32)
-
-
-# --------------------------------------------------------------------------------------------------
-# Steps.
 
 
 def _all_finite(tree: Any) -> jax.Array:
@@ -138,22 +64,135 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def _cast_floats(tree: Any, dtype) -> Any:
-    def cast(x):
-        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+def _forward(model: nnx.Module, x: jax.Array, dtype: str) -> jax.Array:
+    """Float32 logits; with a low-precision compute dtype, the parameters are cast for the
+    forward pass only (they stay float32 in the state, and so do BatchNorm statistics)."""
+    if dtype == "float32":
+        return model(x).astype(jnp.float32)
+    low_dtype = jnp.dtype(dtype)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    cast = lambda p: p.astype(low_dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p  # noqa: E731
+    low = nnx.merge(graphdef, jax.tree.map(cast, params), rest)
+    logits = low(x.astype(low_dtype)).astype(jnp.float32)
+    new_rest = nnx.state(low, nnx.Not(nnx.Param))
+    nnx.update(model, jax.tree.map(lambda new, old: new.astype(old.dtype), new_rest, rest))
+    return logits
 
-    return jax.tree.map(cast, tree)
+
+def _train_step(state, x, y, *, graphdef, settings: Settings, shardings):
+    model, optimizer = nnx.merge(graphdef, state)
+
+    def loss_fn(model):
+        logits = _forward(model, x, settings.dtype)
+        return jnp.mean(per_example_loss(settings.loss, logits, y)), logits
+
+    (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    optimizer.update(model, grads)
+    # A step is finite when its loss and the state it leaves are; with skip_nonfinite, a step of
+    # non-finite gradients is skipped (its loss left out of the mean), not an error.
+    loss_finite = jnp.isfinite(loss)
+    finite = _all_finite(nnx.state((model, optimizer)))
+    if not settings.skip_nonfinite:
+        finite = finite & loss_finite
+    metrics = {
+        "loss": jnp.where(loss_finite, loss, 0.0),
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
+        "finite": finite,
+        "counted": loss_finite.astype(jnp.float32),
+    }
+    for name in settings.logged:
+        metrics[name] = jnp.asarray(optax.tree.get(_pure(optimizer.opt_state), name), jnp.float32)
+    new_state = nnx.state((model, optimizer))
+    new_state = jax.lax.with_sharding_constraint(
+        new_state, jax.tree.unflatten(jax.tree.structure(new_state), shardings)
+    )
+    return new_state, metrics
 
 
-def compute_dtype(config: Config):
-    """bfloat16 compute (float32 parameters) on accelerators, float32 on CPU, unless configured."""
-    if config.compute_dtype is not None:
-        return jnp.dtype(config.compute_dtype)
-    return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+def _eval_step(state, x, y, mask, *, graphdef, settings: Settings):
+    model, optimizer = nnx.merge(graphdef, state)
+    if settings.eval_params is not None:
+        params = _pure(nnx.state(model, nnx.Param))
+        nnx.update(model, settings.eval_params(_pure(optimizer.opt_state), params))
+    logits = _forward(model, x, settings.dtype)
+    losses = per_example_loss(settings.loss, logits, y)
+    correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+    if losses.ndim > 1:  # A sequence per example: its mean over positions.
+        losses = losses.reshape(losses.shape[0], -1).mean(axis=1)
+        correct = correct.reshape(correct.shape[0], -1).mean(axis=1)
+    return {
+        "loss": jnp.sum(losses * mask),
+        "correct": jnp.sum(correct * mask),
+        "count": jnp.sum(mask),
+    }
+
+
+_STATICS = ("graphdef", "settings", "shardings")
+_TRAIN = jax.jit(_train_step, static_argnames=_STATICS, donate_argnums=0)
+_EVAL = jax.jit(_eval_step, static_argnames=("graphdef", "settings"))
+_COMPILED: dict[Any, Any] = {}  # (step, statics, argument types) -> compiled executable.
+
+
+def _signature(tree: Any) -> Any:
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((x.shape, str(x.dtype), getattr(x, "sharding", None)) for x in leaves)
+
+
+def _compiled(step, args: tuple, statics: dict[str, Any]) -> tuple[Any, float]:
+    """``step`` compiled for ``args``' types (once per process), and the seconds it took now."""
+    key = (step, tuple(sorted(statics.items(), key=lambda kv: kv[0])), _signature(args))
+    if key in _COMPILED:
+        return _COMPILED[key], 0.0
+    t0 = time.perf_counter()
+    _COMPILED[key] = step.lower(*args, **statics).compile()
+    return _COMPILED[key], time.perf_counter() - t0
+
+
+def model_builder(config: Config, task: Task, agd_init: bool) -> Callable[[], nnx.Module]:
+    """A function building ``config``'s model, with Flax's initialisers, or for a model that
+    initialises itself (``Task.initialises_itself``) AGD's way when ``agd_init``."""
+    num_classes, input_shape, options = task.model_spec()
+    options = options | {name: getattr(config, name) for name in config.architecture.options}
+    if task.initialises_itself:
+        options["init"] = "agd" if agd_init else "gpt2"
+    depth = config.depth if config.architecture.fixed_depth is None else None
+    return lambda: make_model(
+        config.arch,
+        num_classes=num_classes,
+        input_shape=input_shape,
+        depth=depth,
+        width=config.width,
+        bias=config.bias,
+        rngs=nnx.Rngs(config.seed),
+        **options,
+    )
+
+
+def agd_initialization(
+    config: Config, task: Task, agd_init: bool, roles: Callable[[], Any]
+) -> Callable[[Any], Any] | None:
+    """``params -> params``: AGD's scaled orthogonal initialisation by the model's ``roles``
+    (with ``agd_init``, unless the model initialises itself), then, for AGD, the weights whose
+    role its rule changes initialised by their new role; None when nothing changes."""
+    reinit = agd_init and not task.initialises_itself
+    by_rule = config.optimizer == "agd" and rules.changed_by_rule(config.agd_rule, roles())
+    if not (reinit or by_rule):
+        return None
+    seed = jax.random.key(config.seed)
+
+    def initialize(params):
+        if reinit:
+            params = agd_optax.reinitialize(jax.random.fold_in(seed, 1), params, roles())
+        if by_rule:
+            key = jax.random.fold_in(seed, 3)
+            params = rules.reinitialize_for_rule(config.agd_rule, params, key, roles())
+        return params
+
+    return initialize
 
 
 class Trainer:
-    """Holds the split model and optimizer state and the jitted train and eval steps.
+    """The split model and optimizer state, placed on the mesh, and the compiled steps.
 
     Parameters and optimizer state are replicated over the mesh's data axis (data parallel), or,
     with ``config.shard_params``, split along one axis of each leaf (FSDP style). Batches are
@@ -161,95 +200,65 @@ class Trainer:
     norms, G and eta, and BatchNorm's batch statistics, are those of the global batch.
     """
 
-    def __init__(self, config: Config, model: nnx.Module, tx, mesh):
-        self.config = config
+    def __init__(self, config: Config, spec, tx, build_model, initialize, mesh):
+        """``build_model``: ``model_builder``'s function; ``initialize``: ``agd_initialization``'s
+        (or None). Model and optimizer state are made by one jitted function, on the mesh."""
         self.mesh = mesh
-        self.dtype = compute_dtype(config)
-        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-        model.eval()
-        self.graphdef_eval, _ = nnx.split((model, optimizer))
-        model.train()
-        self.graphdef_train, state = nnx.split((model, optimizer))
+        self.settings = Settings(
+            config.loss, bool(config.skip_nonfinite), spec.logged, compute_dtype(config),
+            spec.eval_params,
+        )  # fmt: skip
+
+        def build():
+            model = build_model()
+            if initialize is not None:
+                nnx.update(model, initialize(nnx.state(model, nnx.Param)))
+            return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+        abstract = nnx.eval_shape(build)
+        self.graphdef_train, abstract_state = nnx.split(abstract)
+        abstract[0].eval()
+        self.graphdef_eval, _ = nnx.split(abstract)
         if config.shard_params:
-            self.state_sharding = parallel.fsdp_shardings(mesh, state)
+            sharding = parallel.fsdp_shardings(mesh, abstract_state)
         else:
-            self.state_sharding = jax.tree.map(lambda _: parallel.replicated(mesh), state)
-        # Copies: some optimizers' states alias the parameters (cocob), which donation forbids.
-        self.state = jax.tree.map(jnp.copy, jax.device_put(state, self.state_sharding))
-        self.spec = optimizers.get(config.optimizer)
-        self._train_step = jax.jit(self._train_step_impl, donate_argnums=0)
-        self._eval_step = jax.jit(self._eval_step_impl)
-
-    def _forward(self, model: nnx.Module, x: jax.Array) -> jax.Array:
-        """Float32 logits; with a low-precision compute dtype, the parameters are cast for the
-        forward pass only (they stay float32 in the state, and so do BatchNorm statistics)."""
-        if self.dtype == jnp.float32:
-            return model(x).astype(jnp.float32)
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        low = nnx.merge(graphdef, _cast_floats(params, self.dtype), rest)
-        logits = low(x.astype(self.dtype)).astype(jnp.float32)
-        new_rest = nnx.state(low, nnx.Not(nnx.Param))
-        nnx.update(model, jax.tree.map(lambda new, old: new.astype(old.dtype), new_rest, rest))
-        return logits
-
-    def _train_step_impl(self, state, x, y):
-        model, optimizer = nnx.merge(self.graphdef_train, state)
-
-        def loss_fn(model):
-            logits = self._forward(model, x)
-            return jnp.mean(per_example_loss(self.config.loss, logits, y)), logits
-
-        (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-        optimizer.update(model, grads)
-        # A step is finite when its loss and the state it leaves are; with skip_nonfinite, a
-        # step of non-finite gradients is skipped (its loss left out of the mean), not an error.
-        loss_finite = jnp.isfinite(loss)
-        finite = _all_finite(nnx.state((model, optimizer)))
-        if not self.config.skip_nonfinite:
-            finite = finite & loss_finite
-        metrics = {
-            "loss": jnp.where(loss_finite, loss, 0.0),
-            "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
-            "finite": finite,
-            "counted": loss_finite.astype(jnp.float32),
-        }
-        for name in self.spec.logged:
-            metrics[name] = _opt_scalar(optimizer.opt_state, name, self.config.optimizer)
-        new_state = jax.lax.with_sharding_constraint(
-            nnx.state((model, optimizer)), self.state_sharding
-        )
-        return new_state, metrics
-
-    def _eval_step_impl(self, state, x, y, mask):
-        model, optimizer = nnx.merge(self.graphdef_eval, state)
-        if self.spec.eval_params is not None:
-            params = _pure(nnx.state(model, nnx.Param))
-            nnx.update(model, self.spec.eval_params(_pure(optimizer.opt_state), params))
-        logits = self._forward(model, x)
-        losses = per_example_loss(self.config.loss, logits, y)
-        correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
-        if losses.ndim > 1:  # A sequence per example: its mean over positions.
-            losses = losses.reshape(losses.shape[0], -1).mean(axis=1)
-            correct = correct.reshape(correct.shape[0], -1).mean(axis=1)
-        return {
-            "loss": jnp.sum(losses * mask),
-            "correct": jnp.sum(correct * mask),
-            "count": jnp.sum(mask),
-        }
+            sharding = jax.tree.map(lambda _: parallel.replicated(mesh), abstract_state)
+        self.shardings = tuple(jax.tree.leaves(sharding))
+        t0 = time.perf_counter()
+        # Computed once on one device, then placed (replicated or split) on the mesh.
+        state = jax.jit(lambda: nnx.split(build())[1])()
+        self.state = jax.device_put(state, sharding)
+        jax.block_until_ready(self.state)
+        self.init_time_s = time.perf_counter() - t0  # Its compilation included.
+        self.compile_time_s = 0.0  # The steps' compilations, counted as they happen.
+        self._train_steps: dict[Any, Any] = {}  # Batch types -> compiled step.
 
     def train_step(self, x: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
         """One step on a global batch already on the devices (``parallel.shard_batch``)."""
-        self.state, metrics = self._train_step(self.state, x, y)
+        key = (x.shape, x.dtype, y.shape, y.dtype)  # The state's types never change.
+        step = self._train_steps.get(key)
+        if step is None:
+            statics = dict(
+                graphdef=self.graphdef_train, settings=self.settings, shardings=self.shardings
+            )
+            step, seconds = _compiled(_TRAIN, (self.state, x, y), statics)
+            self.compile_time_s += seconds
+            self._train_steps[key] = step
+        self.state, metrics = step(self.state, x, y)
         return metrics
 
-    def evaluate(self, data, config: Config) -> dict[str, float]:
-        totals = None
-        for x, y, mask in eval_batches(data, config, parallel.data_size(self.mesh)):
-            x, y, mask = parallel.shard_batch(self.mesh, x, y, mask)
-            out = self._eval_step(self.state, x, y, mask)
-            totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-        count = float(totals["count"])
-        return {"loss": float(totals["loss"]) / count, "accuracy": float(totals["correct"]) / count}
+    def evaluate(self, task: Task) -> dict[str, float]:
+        """Loss and accuracy over the task's evaluation set (host floats)."""
+        outs = []
+        statics = dict(graphdef=self.graphdef_eval, settings=self.settings)
+        for x, y, mask in task.eval_batches(parallel.data_size(self.mesh)):
+            args = (self.state, *parallel.shard_batch(self.mesh, x, y, mask))
+            step, seconds = _compiled(_EVAL, args, statics)
+            self.compile_time_s += seconds
+            outs.append(step(*args))
+        totals = {k: float(np.sum([o[k] for o in jax.device_get(outs)])) for k in outs[0]}
+        count = totals["count"]
+        return {"loss": totals["loss"] / count, "accuracy": totals["correct"] / count}
 
     def model(self) -> nnx.Module:
         """The trained model, in eval mode."""
@@ -260,8 +269,45 @@ class Trainer:
         """A field of the optimizer state (``eta``, ``total_notfinite``), or None."""
         _, optimizer = nnx.merge(self.graphdef_train, self.state)
         found = optax.tree.get(_pure(optimizer.opt_state), name, None)
-        return None if found is None else jnp.asarray(found)
+        return None if found is None else np.asarray(found)
 
     def params(self) -> Any:
         model, _ = nnx.merge(self.graphdef_train, self.state)
         return nnx.state(model, nnx.Param)
+
+    def state_types(self) -> list[str]:
+        """The optimizer state's node types, outermost first (``ScaleByAGDState``,
+        ``PartitionState``, ...): what the run's transformation was built from."""
+        _, optimizer = nnx.merge(self.graphdef_train, self.state)
+        names: list[str] = []
+
+        def walk(x: Any) -> None:
+            if isinstance(x, tuple) and hasattr(x, "_fields"):
+                names.append(type(x).__name__)
+            if isinstance(x, list | tuple):
+                for v in x:
+                    walk(v)
+            elif isinstance(x, dict):
+                for v in x.values():
+                    walk(v)
+
+        walk(_pure(optimizer.opt_state))
+        return names
+
+
+def describe_roles(roles: Any) -> dict[str, str]:
+    """``path -> role`` in words (``dense in (-2,) out (-1,)``), as summary.json records them."""
+    from agd_optax._paths import path_to_keys, path_to_str
+
+    leaves = jax.tree_util.tree_flatten_with_path(
+        roles, is_leaf=lambda x: isinstance(x, agd_optax.Role)
+    )[0]
+    out = {}
+    for path, role in leaves:
+        words = [role.kind]
+        if role.in_axes or role.out_axes:
+            words.append(f"in {role.in_axes} out {role.out_axes}")
+        if role.stack_axes:
+            words.append(f"stack {role.stack_axes}")
+        out[path_to_str(path_to_keys(path))] = " ".join(words)
+    return out

@@ -1,6 +1,7 @@
 """Test settings: 8 fake CPU devices for the sharding tests, and strict numerics."""
 
 import os
+import tempfile
 
 # Must be set before JAX initialises its backends; the subprocesses and notebook kernels the tests
 # start inherit them. Eight fake CPU devices for the sharding tests. LLVM optimisation off: the
@@ -12,6 +13,9 @@ os.environ.setdefault(
     "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The training program's cache folder (generated datasets, compiled programs): one per test
+# session, shared by its workers and subprocesses, never the user's.
+os.environ.setdefault("AGD_OPTAX_CACHE", tempfile.mkdtemp(prefix="agd_optax_test_cache_"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -42,7 +42,7 @@ def test_select_lr_ties_and_diverged_runs():
 
 
 def test_a_run_stopped_by_a_non_finite_loss_is_a_nan_record_not_a_crash(tmp_path, monkeypatch):
-    from benchmarks import training
+    from benchmarks import run as training
     from benchmarks.compare.runner import Runner
 
     def diverge(config, workdir):

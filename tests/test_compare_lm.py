@@ -11,7 +11,7 @@ from benchmarks.compare import Entry, Workload
 from benchmarks.compare.report import markdown
 from benchmarks.compare.workloads import LM_ENTRIES, SUITES
 from benchmarks.data.text import tokenize
-from benchmarks.input_pipeline import text_validation_split
+from benchmarks.task import text_validation_split
 
 
 def _grid_record(lr, val_loss, val_accuracy=0.5):

@@ -24,7 +24,6 @@ from benchmarks.data import (
     ImageNetData,
     augment_cifar,
     download_file,
-    iterate_batches,
     load_dataset,
     parse_idx,
 )
@@ -437,18 +436,6 @@ def test_augment_cifar_crops_and_flips():
     out = augment_cifar(4, batch, padding=0)
     for i in range(len(batch)):
         assert np.array_equal(out[i], batch[i]) or np.array_equal(out[i], batch[i, :, ::-1])
-
-
-def test_iterate_batches():
-    x = np.arange(10)[:, None].astype(np.float32)
-    y = np.arange(10, dtype=np.int32)
-    batches = list(iterate_batches(x, y, 4))
-    assert [len(b[1]) for b in batches] == [4, 4, 2]
-    assert [len(b[1]) for b in iterate_batches(x, y, 4, drop_remainder=True)] == [4, 4]
-    shuffled = np.concatenate([b[1] for b in iterate_batches(x, y, 3, rng=0)])
-    assert sorted(shuffled) == list(range(10)) and list(shuffled) != list(range(10))
-    for bx, by in iterate_batches(x, y, 3, rng=0):
-        np.testing.assert_array_equal(bx[:, 0], by)
 
 
 # --------------------------------------------------------------------------------------------

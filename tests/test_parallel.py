@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 import agd_optax
 from benchmarks import parallel
 from benchmarks.config import Config
-from benchmarks.training import train_and_evaluate
+from benchmarks.run import train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,7 +59,7 @@ def test_batchnorm_statistics_are_global_under_data_parallel_jit():
             nnx.Linear(4, 16, rngs=nnx.Rngs(0)), nnx.BatchNorm(16, rngs=nnx.Rngs(0))
         )
         graphdef, state = nnx.split(model)
-        state = parallel.replicate(mesh, state)
+        state = jax.device_put(state, parallel.replicated(mesh))
         x = jax.random.normal(jax.random.key(1), (64, 4)) * jnp.arange(1.0, 5.0)[None]
 
         @jax.jit

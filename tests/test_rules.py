@@ -26,9 +26,16 @@ def model(tied=False):
     return nnx.clone(_model(tied))
 
 
+def roles_of(m):
+    """The library's roles of a transformer, as the training program reads them."""
+    graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+    forward = lambda p, r, x: nnx.merge(graphdef, p, r)(x)  # noqa: E731
+    return agd_optax.trace_roles(forward, params, rest, jnp.zeros((1, 8), jnp.int32))
+
+
 def updates(rule, tied=False):
     m = model(tied)
-    tx = rules.agd_transformation(rule, 1.0, "transformer", m, 8)
+    tx = rules.agd_transformation(rule, 1.0, roles_of(m))
     params = nnx.state(m, nnx.Param)
     grads = jax.tree.map(jnp.ones_like, params)
     out, _ = jax.jit(tx.update)(grads, tx.init(params), params)
@@ -48,7 +55,7 @@ def test_one_d_rules_move_the_weights_as_agd_does_and_the_one_d_leaves_their_own
 
 def test_the_vocabulary_fan_in_rule_changes_only_the_tables_roles():
     roles = lambda rule, tied=False: agd_optax.resolve_layouts(  # noqa: E731
-        nnx.state(model(tied), nnx.Param), rules.rule_roles(rule, "transformer", model(tied), 8)
+        nnx.state(model(tied), nnx.Param), rules.rule_roles(rule, roles_of(model(tied)))
     )
     by_path = lambda layouts: {lay.path: lay for lay in layouts}  # noqa: E731
     for tied in (False, True):
@@ -64,8 +71,11 @@ def test_the_vocabulary_fan_in_rule_changes_only_the_tables_roles():
 def test_a_changed_role_reinitialises_that_weight_alone():
     m = model()
     before = {k: np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(m, nnx.Param))}
-    rules.reinitialize_for_rule("embedding_fan_in_vocab", "transformer", m, jax.random.key(1), 8)
-    after = {k: np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(m, nnx.Param))}
+    params = nnx.state(m, nnx.Param)
+    new = rules.reinitialize_for_rule(
+        "embedding_fan_in_vocab", params, jax.random.key(1), roles_of(m)
+    )
+    after = {k: np.asarray(v[...]) for k, v in nnx.to_flat_state(new)}
     changed = {"/".join(map(str, k)) for k in before if not np.array_equal(before[k], after[k])}
     assert changed == {"token_embed/embedding", "pos_embed/embedding"}
     s = np.linalg.svd(after[("token_embed", "embedding")], compute_uv=False)
@@ -74,9 +84,10 @@ def test_a_changed_role_reinitialises_that_weight_alone():
 
 def test_rules_that_do_not_fit_the_model_are_errors():
     with pytest.raises(ValueError, match="unknown AGD rule"):
-        rules.rule_roles("diagonal", "transformer", model(), 8)
+        rules.rule_roles("diagonal", roles_of(model()))
     with pytest.raises(ValueError, match="embedding tables"):
-        rules.rule_roles("embedding_fan_in_vocab", "fcn", nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+        linear = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+        rules.rule_roles("embedding_fan_in_vocab", agd_optax.nnx_roles(linear)(nnx.state(linear)))
     with pytest.raises(ValueError, match="agd_rule"):
         Config(agd_rule="diagonal").validate()
     with pytest.raises(ValueError, match="optimizer 'agd' only"):
@@ -91,7 +102,7 @@ def test_the_program_default_hands_one_d_leaves_to_prodigy_and_is_agd_without_th
     grads = jax.tree.map(jnp.ones_like, params)
     outs = []
     for rule in ("library", "1d_lr_free", "1d_frozen"):
-        tx = rules.agd_transformation(rule, 1.0, "transformer", no_bias, 8)
+        tx = rules.agd_transformation(rule, 1.0, roles_of(no_bias))
         outs.append(jax.jit(tx.update)(grads, tx.init(params), params)[0])
     chex.assert_trees_all_close(outs[1], outs[0])
     chex.assert_trees_all_close(outs[2], outs[0])

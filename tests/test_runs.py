@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import workdir as run_folder
+from benchmarks import optimizers, run_folder
 from benchmarks.checkpointing import (
     SUMS_FILE,
     CheckpointError,
@@ -18,7 +18,7 @@ from benchmarks.checkpointing import (
     check_writable,
 )
 from benchmarks.config import Config
-from benchmarks.workdir import RunFolderError, RunLock
+from benchmarks.run_folder import RunFolderError, RunLock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,7 +67,7 @@ def test_a_killed_run_leaves_no_stuck_lock(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from benchmarks.workdir import RunLock; "
+            "import sys, time; from benchmarks.run_folder import RunLock; "
             f"RunLock({str(tmp_path)!r}); print('locked', flush=True); time.sleep(600)",
         ],
         cwd=ROOT,
@@ -88,6 +88,12 @@ def test_a_killed_run_leaves_no_stuck_lock(tmp_path):
 # The contract.
 
 
+def _check(workdir, config: Config) -> None:
+    run_folder.check_run_folder(
+        workdir, config, optimizers.get(config.optimizer).epochs_matter(config)
+    )
+
+
 def _saved_run(tmp_path, **values) -> str:
     workdir = str(tmp_path / "run")
     os.makedirs(os.path.join(workdir, "checkpoints", "1"))
@@ -101,13 +107,13 @@ def test_a_new_run_refuses_a_folder_holding_another_run(tmp_path):
     with pytest.raises(
         RunFolderError, match=r"holds another run \(config.json, metrics.jsonl, checkpoints/\)"
     ) as e:
-        run_folder.check_run_folder(workdir, Config(workdir=workdir))
+        _check(workdir, Config(workdir=workdir))
     assert "--resume" in str(e.value) and "--overwrite" in str(e.value)
-    run_folder.check_run_folder(workdir, Config(workdir=workdir, overwrite=True))
+    _check(workdir, Config(workdir=workdir, overwrite=True))
     (tmp_path / "run" / "notes.txt").write_text("mine")
     run_folder.clear_run(workdir)
     assert sorted(os.listdir(workdir)) == ["notes.txt"]  # Only the run's files go.
-    run_folder.check_run_folder(workdir, Config(workdir=workdir))  # Now free for a new run.
+    _check(workdir, Config(workdir=workdir))  # Now free for a new run.
 
 
 def test_resume_refuses_changed_flags_in_one_message(tmp_path):
@@ -124,7 +130,7 @@ def test_resume_refuses_changed_flags_in_one_message(tmp_path):
         epochs=80,  # A constant learning rate: more epochs continue the same run.
     )
     with pytest.raises(RunFolderError) as e:
-        run_folder.check_run_folder(workdir, new)
+        _check(workdir, new)
     message = str(e.value)
     assert message.startswith(f"cannot resume the run in {workdir}")
     for line in (
@@ -142,16 +148,16 @@ def test_resume_refuses_more_epochs_when_a_schedule_spans_them(tmp_path):
     workdir = _saved_run(tmp_path, optimizer="sgd", schedule="cosine", epochs=10)
     new = Config(workdir=workdir, resume=True, optimizer="sgd", schedule="cosine", epochs=20)
     with pytest.raises(RunFolderError, match="--epochs  10 -> 20"):
-        run_folder.check_run_folder(workdir, new)
+        _check(workdir, new)
     same = Config(workdir=workdir, resume=True, optimizer="sgd", schedule="cosine", epochs=10)
-    run_folder.check_run_folder(workdir, same)
+    _check(workdir, same)
 
 
 def test_resume_without_a_config_beside_checkpoints_is_refused(tmp_path):
     workdir = _saved_run(tmp_path)
     os.remove(os.path.join(workdir, "config.json"))
     with pytest.raises(RunFolderError, match="no config.json"):
-        run_folder.check_run_folder(workdir, Config(workdir=workdir, resume=True))
+        _check(workdir, Config(workdir=workdir, resume=True))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,15 +13,17 @@ import jax
 import numpy as np
 import pytest
 
-from benchmarks import train, training
+from benchmarks import train
 from benchmarks.config import Config
+from benchmarks.run import NonFiniteError, train_and_evaluate
+from benchmarks.run_folder import RunFolderError
+from benchmarks.task import Task
 from benchmarks.trainer import Trainer
-from benchmarks.training import NonFiniteError, train_and_evaluate
-from benchmarks.workdir import RunFolderError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(width=32, train_bs=128, test_bs=512, progress=False)
-CLI_TINY = ["--width", "32", "--no-progress"]
+# Every epoch checkpointed: the guarantees below are tested at each epoch's save.
+TINY = dict(width=32, train_bs=128, test_bs=512, progress=False, checkpoint_every=1)
+CLI_TINY = ["--width", "32", "--no-progress", "--checkpoint-every", "1"]
 
 
 def _config(workdir, **overrides) -> Config:
@@ -118,11 +120,11 @@ def test_an_epoch_is_checkpointed_before_its_evaluation(tmp_path, reference, mon
     evaluate = Trainer.evaluate
     calls = []
 
-    def failing(self, data, config):
+    def failing(self, task):
         calls.append(1)
         if len(calls) == 2:
             raise OSError("cannot read a validation image")
-        return evaluate(self, data, config)
+        return evaluate(self, task)
 
     monkeypatch.setattr(Trainer, "evaluate", failing)
     with pytest.raises(OSError, match="validation image"):
@@ -140,15 +142,15 @@ def test_an_epoch_is_checkpointed_before_its_evaluation(tmp_path, reference, mon
 
 
 def _nan_batches(monkeypatch, epoch, step):
-    batches = training.train_batches
+    batches = Task.train_batches
 
-    def with_nan(data, config, e):
-        for i, (x, y) in enumerate(batches(data, config, e)):
+    def with_nan(self, e):
+        for i, (x, y) in enumerate(batches(self, e)):
             if (e, i) == (epoch, step):
                 x = np.full_like(x, np.nan)
             yield x, y
 
-    monkeypatch.setattr(training, "train_batches", with_nan)
+    monkeypatch.setattr(Task, "train_batches", with_nan)
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path, monkeypatch):

@@ -261,7 +261,9 @@ def test_benchmark_models_trace_like_nnx_roles(arch, shape, kw):
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["unstacked", "stacked"])
 @pytest.mark.parametrize("tied", [False, True], ids=["head", "tied"])
 def test_benchmark_transformer_traces_like_its_explicit_roles(scan_layers, tied):
-    from benchmarks.models.transformer import Transformer, transformer_roles
+    from transformer_roles import transformer_roles
+
+    from benchmarks.models.transformer import Transformer
 
     model = nnx.eval_shape(
         lambda: Transformer(

@@ -10,9 +10,9 @@ from fake_data import write_cifar, write_imagenet, write_mnist
 
 from benchmarks import optimizers, train
 from benchmarks.config import Config
-from benchmarks.input_pipeline import load_data
 from benchmarks.optimizers import OPTIMIZERS
-from benchmarks.training import train_and_evaluate
+from benchmarks.run import train_and_evaluate
+from benchmarks.task import load_data
 
 
 def _run(tmp_path, name="run", **overrides):
@@ -261,3 +261,102 @@ def test_hypergradient_optimizers_log_their_learned_step_size(tmp_path):
         _run(tmp_path, "bad", optimizer="hypergradient-sgd", optimizer_options={"hyper_height": -1})
     config = train.parse_args(["--optimizer", "hypergradient-adam", "--hyper-height", "3"])
     assert config.optimizer_options == {"hyper_height": 3, "hyper_lr": 1e-5}
+
+
+# --------------------------------------------------------------------------------------------------
+# What ran is what was asked for.
+
+WHAT_RAN = [
+    # (flags, state types that must appear, that must not, leaves whose roles are recorded)
+    ({}, ["AGDState"], ["PartitionState"], {"layers/0/kernel": "dense in (-2,) out (-1,)"}),
+    (
+        dict(bias=True),  # The program's default rule: 1-D leaves to Prodigy.
+        ["PartitionState", "AGDState", "ProdigyState"],
+        [],
+        {"layers/0/bias": "bias"},
+    ),
+    (
+        dict(bias=True, agd_rule="library"),
+        ["AGDState"],
+        ["PartitionState", "ProdigyState"],
+        {},
+    ),
+    (
+        dict(bias=True, agd_rule="1d_frozen"),
+        ["PartitionState", "AGDState"],
+        ["ProdigyState"],
+        {},
+    ),
+    (dict(optimizer="adam"), ["ScaleByAdamState"], ["AGDState"], None),
+    (
+        dict(optimizer="agd_momentum"),
+        ["AGDMomentumState"],
+        ["PartitionState"],
+        {"layers/2/kernel": "dense in (-2,) out (-1,)"},
+    ),
+]
+
+
+@pytest.mark.parametrize("flags, has, lacks, roles", WHAT_RAN)
+def test_the_run_uses_the_optimizer_rule_and_roles_it_was_asked_for(
+    tmp_path, flags, has, lacks, roles
+):
+    final = _run(tmp_path, width=16, max_steps_per_epoch=2, **flags)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["ran"] == final["ran"]
+    types = final["ran"]["optimizer_state"]
+    assert all(t in types for t in has) and not any(t in types for t in lacks), types
+    if roles is None:  # Optimizers that take no roles never read them.
+        assert final["ran"]["roles"] is None
+    else:
+        assert set(final["ran"]["roles"]) >= set(roles)
+        assert {k: final["ran"]["roles"][k] for k in roles} == roles
+
+
+def test_a_language_model_reads_its_roles_off_the_forward_pass(tmp_path):
+    final = _run(
+        tmp_path, arch="transformer", dataset="pystdlib", depth=1, width=16, heads=2, context=8,
+        train_bs=8, test_bs=8, max_steps_per_epoch=2, eval_windows=8, samples=0, tied=True,
+    )  # fmt: skip
+    roles = final["ran"]["roles"]
+    # Tied: one weight, the map width -> vocabulary that the lookup and the head share.
+    assert roles["token_embed/embedding"] == "embedding in (-1,) out (-2,)"
+    assert roles["blocks/0/attn/query/kernel"] == "dense in (0,) out (1, 2)"  # (width, heads, dim)
+
+
+def test_checkpoints_by_interval_keep_the_last_epoch_and_resume_exactly(tmp_path):
+    """Every second epoch saved (and the last); a run stopped after epoch 3 resumes from 2."""
+    common = dict(epochs=4, checkpoint=True, width=16, checkpoint_every=2)
+    full = _run(tmp_path, "full", **common)
+    assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir()) == ["2", "4"]
+    _run(tmp_path, "split", **(common | {"epochs": 3}))  # Its last epoch, 3, is saved too.
+    resumed = _run(tmp_path, "split", **(common | {"resume": True}))
+    for a, b in zip(jax.tree.leaves(full["params"]), jax.tree.leaves(resumed["params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert resumed["test_accuracy"] == full["test_accuracy"]
+
+
+def test_the_automatic_checkpoint_policy_saves_the_last_epoch(tmp_path):
+    final = _run(tmp_path, epochs=3, checkpoint=True, width=16, max_steps_per_epoch=2)
+    saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert saved[-1] == "3" and final["checkpoint_time_s"] > 0
+    for key in ("compile_time_s", "init_time_s", "train_time_s", "images_per_second"):
+        assert final[key] > 0, key
+
+
+def test_generated_datasets_are_cached_with_a_checksum_and_rebuilt_when_damaged(
+    tmp_path, monkeypatch
+):
+    from benchmarks.data.small import load_digits
+
+    monkeypatch.setenv("AGD_OPTAX_CACHE", str(tmp_path / "cache"))
+    first = load_digits(seed=3)
+    path = tmp_path / "cache" / "digits" / "digits_seed3.npz"
+    assert path.exists() and (path.parent / "digits_seed3.npz.sha256").exists()
+    path.write_bytes(
+        path.read_bytes()[:100]
+    )  # Damaged: the checksum fails, the split is made again.
+    again = load_digits(seed=3)
+    np.testing.assert_array_equal(again.train_x, first.train_x)
+    assert (path.parent / "digits_seed3.npz.sha256").read_text().strip() != ""
+    np.testing.assert_array_equal(load_digits(seed=3).test_y, first.test_y)  # From the cache.

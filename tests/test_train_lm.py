@@ -7,7 +7,7 @@ import pytest
 
 from benchmarks import train
 from benchmarks.config import Config
-from benchmarks.training import train_and_evaluate
+from benchmarks.run import train_and_evaluate
 
 TINY = dict(
     arch="transformer",

@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from transformer_roles import transformer_roles
 
 import agd_optax
 from benchmarks.models.transformer import (
@@ -17,7 +18,6 @@ from benchmarks.models.transformer import (
     generate,
     load_params,
     stack_blocks,
-    transformer_roles,
     unstack_blocks,
 )
 

@@ -14,7 +14,7 @@ from benchmarks.compare.protocol import VALIDATION_SPLIT
 from benchmarks.compare.workloads import ENTRIES, Entry, Workload
 from benchmarks.config import Config
 from benchmarks.optimizers import OPTIMIZERS
-from benchmarks.workdir import read_metrics
+from benchmarks.run_folder import read_metrics
 
 
 def _lr_tag(lr: float | None) -> str:
@@ -52,7 +52,7 @@ class Runner:
     def run(
         self, workload: Workload, entry: Entry, lr: float | None, seed: int, validation: bool
     ) -> dict[str, Any]:
-        from benchmarks.training import NonFiniteError, train_and_evaluate
+        from benchmarks.run import NonFiniteError, train_and_evaluate
 
         split = VALIDATION_SPLIT if validation else 0.0
         config = self.config(workload, entry, lr, seed, split)
@@ -119,7 +119,7 @@ class Runner:
     def warm_up(self, workload: Workload) -> None:
         """Tiny uncounted runs (AGD, SGD), so that no counted run pays the process's one-time
         start-up costs (JAX initialisation, compiling AGD's orthogonal initialisation)."""
-        from benchmarks.training import train_and_evaluate
+        from benchmarks.run import train_and_evaluate
 
         entries = {e.label: e for e in ENTRIES}
         for entry, lr in ((entries["agd"], None), (entries["sgd_momentum"], 0.01)):

@@ -80,7 +80,7 @@ def _rows(args: argparse.Namespace) -> list[tuple[int, float | None]]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from benchmarks.training import train_and_evaluate
+    from benchmarks.run import train_and_evaluate
 
     workload = WORKLOADS[args.workload]
     records = []

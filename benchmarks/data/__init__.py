@@ -14,7 +14,7 @@ import dataclasses
 import os
 from collections.abc import Callable
 
-from benchmarks.data.base import DEFAULT_DATA_DIR, Dataset, iterate_batches, normalize
+from benchmarks.data.base import DEFAULT_DATA_DIR, Dataset, normalize
 from benchmarks.data.cifar import (
     CIFAR_SPECS,
     augment_cifar,
@@ -49,7 +49,6 @@ __all__ = [
     "MNIST_STD",
     "augment_cifar",
     "download_file",
-    "iterate_batches",
     "load_cifar",
     "load_cifar10",
     "load_cifar100",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -62,29 +62,3 @@ def normalize(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.
     out = np.asarray(x, dtype=np.float32) - mean
     out /= std
     return out
-
-
-def iterate_batches(
-    x: np.ndarray,
-    y: np.ndarray,
-    batch_size: int,
-    *,
-    rng: np.random.Generator | int | None = None,
-    drop_remainder: bool = False,
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield ``(x, y)`` mini-batches; shuffled with ``rng`` (a Generator or seed) if given."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    n = x.shape[0]
-    if rng is None:
-        order = None
-    else:
-        order = np.random.default_rng(rng).permutation(n)
-    stop = n - n % batch_size if drop_remainder else n
-    for start in range(0, stop, batch_size):
-        if order is None:
-            sl = slice(start, min(start + batch_size, n))
-            yield x[sl], y[sl]
-        else:
-            idx = order[start : start + batch_size]
-            yield x[idx], y[idx]

@@ -14,6 +14,7 @@ import functools
 
 import numpy as np
 
+from benchmarks.cache import cache_dir, cached_arrays
 from benchmarks.data.base import Dataset, normalize
 
 SHAPES_NUM_TRAIN = 5000
@@ -90,13 +91,34 @@ def generate_shapes(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-@functools.cache  # Generated once per process (a few seconds), not once per run.
+def _generate() -> dict[str, np.ndarray]:
+    train_x, train_y = generate_shapes(SHAPES_NUM_TRAIN, 0)
+    test_x, test_y = generate_shapes(SHAPES_NUM_TEST, 1)
+    return {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
+
+
+def _check(arrays: dict[str, np.ndarray]) -> None:
+    image = (SHAPES_SIZE, SHAPES_SIZE, 3)
+    expected = {
+        "train_x": (SHAPES_NUM_TRAIN, *image),
+        "train_y": (SHAPES_NUM_TRAIN,),
+        "test_x": (SHAPES_NUM_TEST, *image),
+        "test_y": (SHAPES_NUM_TEST,),
+    }
+    for key, shape in expected.items():
+        if key not in arrays or tuple(arrays[key].shape) != shape:
+            raise ValueError(f"malformed shapes data: {key!r}, expected shape {shape}")
+
+
+@functools.cache  # Read once per process.
 def load_shapes() -> Dataset:
     """The shapes task: 5000 train / 1000 test images of 32x32x3, 10 classes, normalised per
     channel with the training set's statistics. Train is drawn from seed 0 of the generator and
-    test from seed 1, always."""
-    train_x, train_y = generate_shapes(SHAPES_NUM_TRAIN, 0)
-    test_x, test_y = generate_shapes(SHAPES_NUM_TEST, 1)
+    test from seed 1, always. Generated once (a few seconds) and cached, with its checksum, in
+    the program's cache folder (``benchmarks.cache``)."""
+    arrays = cached_arrays(cache_dir("shapes") / "shapes_v1.npz", _generate, _check)
+    train_x, train_y = arrays["train_x"], arrays["train_y"]
+    test_x, test_y = arrays["test_x"], arrays["test_y"]
     mean = tuple(float(m) for m in train_x.mean(axis=(0, 1, 2)))
     std = tuple(float(s) for s in train_x.std(axis=(0, 1, 2)))
     return Dataset(

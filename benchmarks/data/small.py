@@ -4,27 +4,22 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.cache import cache_dir, cached_arrays
 from benchmarks.data.base import Dataset, normalize
 
 DIGITS_NUM_TEST = 360
+DIGITS_NUM_TOTAL = 1797
 MNIST1D_NUM_TRAIN = 4000
 MNIST1D_NUM_TEST = 1000
 MNIST1D_LENGTH = 40
 MNIST1D_CACHE = "mnist1d_default.npz"
 
 
-def load_digits(seed: int | None = None) -> Dataset:
-    """scikit-learn's 8x8 digits: 1437 train / 360 test (stratified split by ``seed``; None is
-    the standard split, seed 0).
-
-    Pixels are scaled to [0, 1] (divided by 16), then normalised with the mean/std of
-    the training split. Images have shape ``(N, 8, 8, 1)``.
-    """
+def _split_digits(seed: int) -> dict[str, np.ndarray]:
     from sklearn.datasets import load_digits as sk_load_digits
     from sklearn.model_selection import train_test_split
 
@@ -32,8 +27,38 @@ def load_digits(seed: int | None = None) -> Dataset:
     x = (digits.images.astype(np.float32) / 16.0)[..., None]
     y = digits.target.astype(np.int32)
     train_x, test_x, train_y, test_y = train_test_split(
-        x, y, test_size=DIGITS_NUM_TEST, stratify=y, random_state=0 if seed is None else seed
+        x, y, test_size=DIGITS_NUM_TEST, stratify=y, random_state=seed
     )
+    return {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
+
+
+def _check_digits(arrays: dict[str, np.ndarray]) -> None:
+    n_train = DIGITS_NUM_TOTAL - DIGITS_NUM_TEST
+    expected = {
+        "train_x": (n_train, 8, 8, 1),
+        "train_y": (n_train,),
+        "test_x": (DIGITS_NUM_TEST, 8, 8, 1),
+        "test_y": (DIGITS_NUM_TEST,),
+    }
+    for key, shape in expected.items():
+        if key not in arrays or tuple(arrays[key].shape) != shape:
+            raise ValueError(f"malformed digits split: {key!r}, expected shape {shape}")
+
+
+def load_digits(seed: int | None = None) -> Dataset:
+    """scikit-learn's 8x8 digits: 1437 train / 360 test (stratified split by ``seed``; None is
+    the standard split, seed 0).
+
+    Pixels are scaled to [0, 1] (divided by 16), then normalised with the mean/std of
+    the training split. Images have shape ``(N, 8, 8, 1)``. The split is cached, with its
+    checksum, in the program's cache folder (``benchmarks.cache``), so later runs need not
+    import scikit-learn.
+    """
+    seed = 0 if seed is None else seed
+    path = cache_dir("digits") / f"digits_seed{seed}.npz"
+    arrays = cached_arrays(path, lambda: _split_digits(seed), _check_digits)
+    train_x, train_y = arrays["train_x"], arrays["train_y"]
+    test_x, test_y = arrays["test_x"], arrays["test_y"]
     mean = (float(train_x.mean()),)
     std = (float(train_x.std()),)
     return Dataset(
@@ -92,28 +117,18 @@ def load_mnist1d(data_dir: str | os.PathLike | None = None, seed: int | None = N
     gives a different draw of the whole dataset, train and test.
 
     The generator already standardises the signals (global mean 0, std 1), so no further
-    normalisation is applied. With ``data_dir`` the arrays are cached in
-    ``data_dir/mnist1d/mnist1d_default.npz`` (with a seed, ``mnist1d_seed<N>.npz``) and read from
-    there next time; without it nothing is written to disk.
+    normalisation is applied. The generated arrays are cached, with their SHA-256, as
+    ``mnist1d/mnist1d_default.npz`` (with a seed, ``mnist1d_seed<N>.npz``) in ``data_dir``, or
+    without it in the program's cache folder (``benchmarks.cache``), and read from there next
+    time; a damaged file is generated again.
     """
     name = MNIST1D_CACHE if seed is None else f"mnist1d_seed{seed}.npz"
-    cache = None if data_dir is None else Path(data_dir) / "mnist1d" / name
-    if cache is not None and cache.exists():
-        with np.load(cache) as f:
-            arrays = {k: f[k] for k in f.files}
-        _check_mnist1d(arrays, str(cache))
-    else:
-        arrays = generate_mnist1d() if seed is None else generate_mnist1d(seed)
-        _check_mnist1d(arrays, "the mnist1d generator")
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".npz.part")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    np.savez(f, **arrays)
-                os.replace(tmp, cache)
-            finally:
-                Path(tmp).unlink(missing_ok=True)
+    folder = cache_dir("mnist1d") if data_dir is None else Path(data_dir) / "mnist1d"
+    arrays = cached_arrays(
+        folder / name,
+        lambda: generate_mnist1d() if seed is None else generate_mnist1d(seed),
+        lambda a: _check_mnist1d(a, str(folder / name)),
+    )
     return Dataset(
         train_x=arrays["x"].astype(np.float32)[..., None],
         train_y=arrays["y"].astype(np.int32),

@@ -20,7 +20,6 @@ import hashlib
 import os
 import platform
 import sysconfig
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -218,13 +217,3 @@ def eval_windows(tokens: np.ndarray, length: int, max_windows: int | None = None
     if max_windows is not None and max_windows < count:
         starts = starts[np.linspace(0, count - 1, max_windows).round().astype(np.int64)]
     return tokens[starts[:, None] + np.arange(length)].astype(np.int32)
-
-
-def train_windows(
-    tokens: np.ndarray, batch_size: int, length: int, *, seed: int, step: int = 0
-) -> Iterator[np.ndarray]:
-    """Endless random training batches, the ``k``-th a function of ``(seed, step + k)`` alone,
-    so a resumed run sees the same batches as an uninterrupted one."""
-    while True:
-        yield random_windows(tokens, batch_size, length, np.random.default_rng([seed, step]))
-        step += 1

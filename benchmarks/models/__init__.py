@@ -65,6 +65,7 @@ class Architecture:
     fixed_depth: int | None = None  # depth is this or None; otherwise depth is a setting.
     task: str = "classification"  # Or "language": next-token logits over the vocabulary.
     options: tuple[str, ...] = ()  # Keyword options of build; the same-named Config fields.
+    losses: tuple[str, ...] = ("mse", "xent")  # The losses it may be trained with.
 
 
 def _fcn(input_shape, depth, width, **common):
@@ -116,6 +117,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         (1,),
         task="language",
         options=("heads", "tied", "scan_layers"),
+        losses=("xent",),
     ),
 }
 ARCHS = tuple(ARCHITECTURES)

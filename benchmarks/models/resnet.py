@@ -6,6 +6,7 @@ and BatchNorm has no affine parameters unless ``bias=True``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -208,7 +209,16 @@ class PreActResNet(nnx.Module):
         return self.fc(x.mean(axis=(1, 2)))
 
 
-def resnet18(
+# name: (block, blocks per stage, stem); a block of None is the pre-activation ResNet.
+VARIANTS = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2), "cifar"),  # ResNet-18 with the CIFAR stem.
+    "resnet50": (Bottleneck, (3, 4, 6, 3), "imagenet"),  # ResNet-50 (v1.5), ImageNet stem.
+    "preact_resnet18": (None, (2, 2, 2, 2), None),  # The official AGD repo's CIFAR ResNet-18.
+}
+
+
+def resnet(
+    name: str,
     *,
     num_classes: int,
     in_channels: int = 3,
@@ -216,60 +226,18 @@ def resnet18(
     bias: bool = False,
     kernel_init: Initializer | None = None,
     rngs: nnx.Rngs,
-) -> ResNet:
-    """ResNet-18 with the CIFAR stem (BasicBlock, stages [2, 2, 2, 2])."""
-    return ResNet(
-        BasicBlock,
-        (2, 2, 2, 2),
-        num_classes=num_classes,
-        in_channels=in_channels,
-        width=width,
-        stem="cifar",
-        bias=bias,
-        kernel_init=kernel_init,
-        rngs=rngs,
-    )
+) -> ResNet | PreActResNet:
+    """The residual network ``name`` (one of ``VARIANTS``)."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown ResNet {name!r}; expected one of {tuple(VARIANTS)}")
+    block, stages, stem = VARIANTS[name]
+    common = dict(num_classes=num_classes, in_channels=in_channels, width=width, bias=bias,
+                  kernel_init=kernel_init, rngs=rngs)  # fmt: skip
+    if block is None:
+        return PreActResNet(stages, **common)
+    return ResNet(block, stages, stem=stem, **common)
 
 
-def resnet50(
-    *,
-    num_classes: int,
-    in_channels: int = 3,
-    width: int = 64,
-    bias: bool = False,
-    kernel_init: Initializer | None = None,
-    rngs: nnx.Rngs,
-) -> ResNet:
-    """ResNet-50 (v1.5) with the ImageNet stem (Bottleneck, stages [3, 4, 6, 3])."""
-    return ResNet(
-        Bottleneck,
-        (3, 4, 6, 3),
-        num_classes=num_classes,
-        in_channels=in_channels,
-        width=width,
-        stem="imagenet",
-        bias=bias,
-        kernel_init=kernel_init,
-        rngs=rngs,
-    )
-
-
-def preact_resnet18(
-    *,
-    num_classes: int,
-    in_channels: int = 3,
-    width: int = 64,
-    bias: bool = False,
-    kernel_init: Initializer | None = None,
-    rngs: nnx.Rngs,
-) -> PreActResNet:
-    """Pre-activation ResNet-18 for 32x32 inputs (the official AGD repo's CIFAR ResNet-18)."""
-    return PreActResNet(
-        (2, 2, 2, 2),
-        num_classes=num_classes,
-        in_channels=in_channels,
-        width=width,
-        bias=bias,
-        kernel_init=kernel_init,
-        rngs=rngs,
-    )
+resnet18 = functools.partial(resnet, "resnet18")
+resnet50 = functools.partial(resnet, "resnet50")
+preact_resnet18 = functools.partial(resnet, "preact_resnet18")

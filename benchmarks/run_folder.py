@@ -22,7 +22,7 @@ import shutil
 import socket
 from typing import Any
 
-from benchmarks.config import Config
+from benchmarks.config import Config, flag_name
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -44,6 +44,8 @@ MAY_CHANGE_ON_RESUME = frozenset(
         "resume",
         "overwrite",
         "checkpoint",
+        "checkpoint_every",  # Which epochs are saved; a resumed run ends the same either way.
+        "compilation_cache",
         "progress",
         "samples",  # Text generated once training is over.
         "num_workers",
@@ -54,20 +56,10 @@ MAY_CHANGE_ON_RESUME = frozenset(
         "process_id",
     }
 )
-# Flags spelled differently from their field.
-_FLAG_NAMES = {
-    "augment": "--no-augment",
-    "checkpoint": "--no-checkpoint",
-    "progress": "--no-progress",
-}
 
 
 class RunFolderError(RuntimeError):
     """The run folder cannot be used as asked: in use, holding another run, or a mismatch."""
-
-
-def flag_name(field: str) -> str:
-    return _FLAG_NAMES.get(field, "--" + field.replace("_", "-"))
 
 
 def default_workdir(config: Config) -> str:
@@ -199,20 +191,16 @@ def run_files(workdir: str) -> list[str]:
     return found
 
 
-def _epochs_matter(config: Config) -> bool:
-    """Whether the number of epochs enters the computation (a schedule over all the steps)."""
-    from benchmarks.optimizers import get
-
-    return get(config.optimizer).takes_lr and config.schedule != "constant"
-
-
-def changed_flags(saved: dict[str, Any], config: Config) -> list[tuple[str, Any, Any]]:
-    """``(flag, saved value, new value)`` for each setting that changes the computation."""
+def changed_flags(
+    saved: dict[str, Any], config: Config, epochs_matter: bool
+) -> list[tuple[str, Any, Any]]:
+    """``(flag, saved value, new value)`` for each setting that changes the computation;
+    ``epochs_matter``: whether the number of epochs enters it (a schedule over the whole run)."""
     new = json.loads(config.to_json())
     defaults = json.loads(Config().to_json())
     changes = []
     for name in sorted(set(new) | set(saved)):
-        if name in MAY_CHANGE_ON_RESUME or (name == "epochs" and not _epochs_matter(config)):
+        if name in MAY_CHANGE_ON_RESUME or (name == "epochs" and not epochs_matter):
             continue
         old_value = saved.get(name, defaults.get(name))
         if name == "optimizer_options" and isinstance(old_value, dict) and name in new:
@@ -226,7 +214,7 @@ def changed_flags(saved: dict[str, Any], config: Config) -> list[tuple[str, Any,
     return changes
 
 
-def check_run_folder(workdir: str, config: Config) -> None:
+def check_run_folder(workdir: str, config: Config, epochs_matter: bool) -> None:
     """Raises ``RunFolderError`` unless ``config`` may run in ``workdir`` as asked."""
     found = run_files(workdir)
     if config.resume:
@@ -239,7 +227,7 @@ def check_run_folder(workdir: str, config: Config) -> None:
                     "with --overwrite (deletes them) or in another --workdir."
                 )
             return  # Nothing to resume: the run starts at epoch 1.
-        changes = changed_flags(saved, config)
+        changes = changed_flags(saved, config, epochs_matter)
         if changes:
             width = max(len(flag) for flag, _, _ in changes)
             lines = "\n".join(
@@ -270,7 +258,7 @@ def clear_run(workdir: str) -> None:
             os.remove(path)
 
 
-def open_run(workdir: str, config: Config) -> RunLock:
+def open_run(workdir: str, config: Config, epochs_matter: bool) -> RunLock:
     """Creates ``workdir``, locks it for this run and checks the contract (process 0 only).
 
     Returns the lock; the caller releases it when the run ends. Nothing is written yet:
@@ -279,7 +267,7 @@ def open_run(workdir: str, config: Config) -> RunLock:
     os.makedirs(workdir, exist_ok=True)
     lock = RunLock(workdir)
     try:
-        check_run_folder(workdir, config)
+        check_run_folder(workdir, config, epochs_matter)
     except BaseException:
         lock.release()
         raise
