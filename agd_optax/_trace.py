@@ -79,8 +79,9 @@ def trace_roles(fn: Callable[..., Any], params: Any, *args: Any, **kwargs: Any) 
         Pass the other variables as arguments (they are made abstract too) rather than closing
         over them; ``nnx.eval_shape`` / ``jax.eval_shape`` models work, nothing is initialised.
       params: the parameter pytree (arrays or ``jax.ShapeDtypeStruct``).
-      *args, **kwargs: example inputs; only their shapes and dtypes are used. Non-array values
+      *args: example inputs; only their shapes and dtypes are used. Non-array values
         (``train=False``) are passed as they are.
+      **kwargs: example keyword inputs, read the same way.
 
     Returns:
       A pytree of :class:`agd_optax.Role` with the structure of ``params``, for

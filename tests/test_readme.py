@@ -24,3 +24,12 @@ def test_readme_shows_the_two_commands():
     text = README.read_text()
     assert "uv run pytest" in text
     assert "uv run python -m benchmarks.train" in text
+
+
+def test_readme_links_point_at_files_of_the_repository():
+    text = README.read_text()
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    local = [t for t in targets if not re.match(r"^[a-z][a-z0-9+.-]*:", t)]
+    assert any(t.startswith("docs/") for t in local), "the README links to no documentation page"
+    broken = [t for t in local if not (README.parent / t).exists()]
+    assert not broken, f"README.md links to missing files: {broken}"
