@@ -9,6 +9,7 @@ import os
 import pathlib
 import re
 import shutil
+import subprocess
 import sys
 
 DOCS = pathlib.Path(__file__).resolve().parent
@@ -80,6 +81,22 @@ def generate_pages() -> None:
         page.write_text(text)
 
 
+def generate_help() -> None:
+    """The training program's ``--help``, for the training guide's list of flags."""
+    out = DOCS / "_generated"
+    out.mkdir(exist_ok=True)
+    env = {**os.environ, "COLUMNS": "100", "JAX_PLATFORMS": "cpu"}
+    help_text = subprocess.run(
+        [sys.executable, "-m", "benchmarks.train", "--help"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    (out / "train_help.txt").write_text(help_text)
+
+
 def _map_page_links(app, docname: str, source: list[str]) -> None:
     page = pathlib.Path(app.env.doc2path(docname))
     if page.suffix == ".md" and not any(page.is_relative_to(DOCS / n) for n in GENERATED):
@@ -88,6 +105,7 @@ def _map_page_links(app, docname: str, source: list[str]) -> None:
 
 def setup(app):
     generate_pages()
+    generate_help()
     app.connect("source-read", _map_page_links)
 
 
@@ -104,7 +122,7 @@ extensions = [
     "sphinx.ext.mathjax",
 ]
 
-exclude_patterns = ["_build", "notebooks/execute.py", "**.ipynb_checkpoints"]
+exclude_patterns = ["_build", "_generated", "notebooks/execute.py", "**.ipynb_checkpoints"]
 templates_path: list[str] = []
 
 # Every reference to a name of agd_optax must resolve; names of other libraries are not linked
