@@ -108,7 +108,10 @@ def scale_by_agd_momentum(
         return roles(tree) if callable(roles) else roles
 
     def init_fn(params):
-        resolve_layouts(params, roles_for(params))  # Fail at init, naming the leaf, not later.
+        # Fail at init, naming the leaf, not later. A tree with no leaves (the placeholder
+        # optax.tree.map_params initialises with) has nothing to check; update refuses it.
+        if jax.tree.leaves(params):
+            resolve_layouts(params, roles_for(params))
         acc = _accumulation_dtype(params)
         return AGDMomentumState(
             count=jnp.zeros([], jnp.int32),
