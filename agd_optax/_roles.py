@@ -57,10 +57,10 @@ class RoleError(ValueError):
     Example:
       >>> import jax.numpy as jnp, agd_optax
       >>> try:
-      ...   agd_optax.agd().init({"w": jnp.zeros((3, 3, 1, 8))})  # One input channel: depthwise?
+      ...   agd_optax.agd().init({"conv": {"kernel": jnp.zeros((3, 3, 1, 8))}})  # Depthwise?
       ... except agd_optax.RoleError as e:
-      ...   print("RoleError:", str(e).splitlines()[1].strip()[:16])
-      RoleError: 'w' (3, 3, 1, 8)
+      ...   print("RoleError:", str(e).splitlines()[3].strip()[:26])
+      RoleError: 'conv/kernel' (3, 3, 1, 8)
     """
 
 

@@ -30,8 +30,8 @@ def test_dense_and_conv_first_step_by_hand(x64):
     rng = np.random.default_rng(0)
     gd = rng.normal(size=(6, 3))  # dense 6 -> 3
     gc = rng.normal(size=(3, 3, 2, 4))  # conv 3x3, 2 -> 4
-    params = {"d": {"kernel": np.zeros((6, 3))}, "c": {"kernel": np.zeros((3, 3, 2, 4))}}
-    grads = {"d": {"kernel": gd}, "c": {"kernel": gc}}
+    params = {"d": {"kernel": np.zeros((6, 3))}, "conv": {"kernel": np.zeros((3, 3, 2, 4))}}
+    grads = {"d": {"kernel": gd}, "conv": {"kernel": gc}}
     updates, eta, G = _step(params, grads, gain=3.0)
 
     s_d, s_c = math.sqrt(3 / 6), math.sqrt(4 / 2) / 3
@@ -44,9 +44,9 @@ def test_dense_and_conv_first_step_by_hand(x64):
         updates["d"]["kernel"], -3.0 * eta_ref / 2 * s_d * gd / np.linalg.norm(gd), rtol=1e-12
     )
     want_c = -3.0 * eta_ref / 2 * s_c * gc / per_pos[:, :, None, None]
-    np.testing.assert_allclose(updates["c"]["kernel"], want_c, rtol=1e-12)
+    np.testing.assert_allclose(updates["conv"]["kernel"], want_c, rtol=1e-12)
     # Each position's slice moves by exactly gain * eta / L * s in Frobenius norm.
-    moved = np.linalg.norm(updates["c"]["kernel"], axis=(2, 3))
+    moved = np.linalg.norm(updates["conv"]["kernel"], axis=(2, 3))
     np.testing.assert_allclose(moved, 3.0 * eta_ref / 2 * s_c, rtol=1e-12)
 
 
@@ -64,10 +64,10 @@ def test_bias_moves_with_its_weight(x64):
 def test_conv_bias_uses_whole_kernel_norm(x64):
     rng = np.random.default_rng(2)
     gw, gb = rng.normal(size=(3, 3, 2, 4)), rng.normal(size=4)
-    params = {"c": {"kernel": np.zeros_like(gw), "bias": np.zeros(4)}}
-    updates, eta, _ = _step(params, {"c": {"kernel": gw, "bias": gb}})
+    params = {"conv": {"kernel": np.zeros_like(gw), "bias": np.zeros(4)}}
+    updates, eta, _ = _step(params, {"conv": {"kernel": gw, "bias": gb}})
     s = math.sqrt(4 / 2) / 3
-    np.testing.assert_allclose(updates["c"]["bias"], -eta * s * gb / np.linalg.norm(gw), rtol=1e-12)
+    np.testing.assert_allclose(updates["conv"]["bias"], -eta * s * gb / np.linalg.norm(gw), rtol=1e-12)
 
 
 def test_norm_layer_parameters_rule(x64):

@@ -1,6 +1,7 @@
 """Name inference reads a leaf only where Flax's names decide it; every misread it used to make
 now reads right from unambiguous evidence or raises one RoleError naming every such leaf."""
 
+import dataclasses
 import math
 
 import jax
@@ -22,6 +23,8 @@ def test_stacked_attention_kernels_read_from_their_names():
     params = {
         "attn": {
             "query": {"kernel": jnp.zeros((6, 16, 2, 8)), "bias": jnp.zeros((6, 2, 8))},
+            "key": {"kernel": jnp.zeros((6, 16, 2, 8))},
+            "value": {"kernel": jnp.zeros((6, 16, 2, 8))},
             "out": {"kernel": jnp.zeros((6, 2, 8, 16)), "bias": jnp.zeros((6, 16))},
         }
     }
@@ -58,8 +61,10 @@ def test_linen_depthwise_conv_is_refused_and_traced_exactly():
     model = nn.Conv(16, (3, 3), feature_group_count=16)
     x = jnp.zeros((1, 8, 8, 16))
     params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
-    with pytest.raises(RoleError, match=r"'kernel'.*depthwise"):
-        agd_optax.resolve_layouts(params)
+    with pytest.raises(RoleError, match=r"'kernel'.*no module name"):
+        agd_optax.resolve_layouts(params)  # At the root: names say nothing of a convolution.
+    with pytest.raises(RoleError, match=r"'conv/kernel'.*depthwise"):
+        agd_optax.resolve_layouts({"conv": params})
     roles = agd_optax.trace_roles(lambda p, x: model.apply({"params": p}, x), params, x)
     assert _lay(params, roles)["kernel"].scale == pytest.approx(1 / 3)  # not 1.886
 
@@ -150,3 +155,128 @@ def test_pytorch_roles_on_a_state_dict():
     table = {"emb": {"weight": jnp.zeros((100, 8))}}
     as_linear = _lay(table, {"emb": {"weight": agd_optax.dense(in_axes=1, out_axes=0)}})
     assert as_linear["emb/weight"] == _lay(table, agd_optax.pytorch_roles)["emb/weight"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Names read only what names decide: a kernel with axes beyond (in, out) is a convolution only under
+# a module named as one, and `out` an attention output only beside `query`, `key` and `value`.
+
+
+def _refusal(params):
+    with pytest.raises(RoleError) as error:
+        agd_optax.resolve_layouts(params)
+    msg = str(error.value)
+    lines = msg.splitlines()
+    # The one-liner that reads every leaf comes first, then each leaf with its own fix.
+    assert "agd_optax.trace_roles(forward_fn, params, *inputs)" in lines[1]
+    return msg
+
+
+def _traced(module, params, x):
+    roles = agd_optax.trace_roles(lambda p, x: module.apply({"params": p}, x), params, x)
+    return _lay(params, roles)
+
+
+def test_multi_axis_kernel_under_a_plain_name_is_refused_and_traced_as_stacked_maps():
+    # (4, 32, 4, 8): four stacked 32 -> 4 x 8 maps, not a 2-D convolution with 128 positions.
+    params = {"proj": {"kernel": jnp.zeros((4, 32, 4, 8))}, "head": {"kernel": jnp.zeros((32, 2))}}
+    msg = _refusal(params)
+    line = next(x for x in msg.splitlines() if "'proj/kernel' (4, 32, 4, 8)" in x)
+    assert "neither convolution" in line and "fix: trace_roles" in line
+    assert "head/kernel" not in msg
+
+    def forward(p, x):
+        for layer in range(4):  # One slice per layer: the leading axis is a stack.
+            x = jnp.einsum("bi,ihd->bhd", x, p["proj"]["kernel"][layer]).reshape(x.shape[0], 32)
+        return x @ p["head"]["kernel"]
+
+    roles = agd_optax.trace_roles(forward, params, jax.ShapeDtypeStruct((2, 32), jnp.float32))
+    lay = _lay(params, roles)["proj/kernel"]
+    assert (lay.stack_axes, lay.in_axes, lay.out_axes, lay.count) == ((0,), (1,), (2, 3), 4)
+    assert lay.scale == 1.0 and lay.spatial_axes == ()
+
+
+class _UNetTail(nn.Module):
+    """A convolution named `out`, as a U-Net's last layer usually is."""
+
+    use_bias: bool
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(8, (3, 3), name="conv1")(x))
+        return nn.Conv(3, (3, 3), use_bias=self.use_bias, name="out")(x)
+
+
+@pytest.mark.parametrize("use_bias", [False, True], ids=["no_bias", "bias"])
+def test_convolution_named_out_is_refused_and_traced_as_a_convolution(use_bias):
+    model, x = _UNetTail(use_bias), jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32)
+    params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    assert params["out"]["kernel"].shape == (3, 3, 8, 3)
+    msg = _refusal(params)
+    line = next(x for x in msg.splitlines() if "'out/kernel' (3, 3, 8, 3)" in x)
+    # The error says that the name made it attention, and why it does not here.
+    assert "only beside 'query', 'key' and 'value'" in line and "stack" in line
+    assert "conv1/kernel" not in msg  # A convolution's name reads it.
+    lay = _traced(model, params, x)["out/kernel"]
+    assert lay.spatial_axes == (0, 1) and lay.scale == pytest.approx(math.sqrt(3 / 8) / 3)
+    # Beside query, key and value, the same name is an attention output projection.
+    attention = {name: {"kernel": jnp.zeros((8, 2, 4))} for name in ("query", "key", "value")} | {
+        "out": {"kernel": jnp.zeros((2, 4, 8))}
+    }
+    lay = _lay({"attn": attention})["attn/out/kernel"]
+    assert lay.in_axes == (0, 1) and lay.out_axes == (2,)
+
+
+class _ResNet18LocalStem(nn.Module):
+    """The stem of the Flax ImageNet example's ResNet18Local: an unshared-weight convolution."""
+
+    @nn.compact
+    def __call__(self, x):
+        pad = [(3, 3), (3, 3)]
+        return nn.ConvLocal(8, (7, 7), (2, 2), pad, use_bias=False, name="conv_init")(x)
+
+
+def test_conv_local_named_conv_init_is_refused_and_traced_as_separate_maps():
+    model, x = _ResNet18LocalStem(), jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    assert params["conv_init"]["kernel"].shape == (16, 16, 147, 8)
+    msg = _refusal(params)
+    assert "'conv_init/kernel' (16, 16, 147, 8)" in msg and "ConvLocal" in msg
+    lay = _traced(model, params, x)["conv_init/kernel"]
+    # 256 separate maps 147 -> 8, one per output position; not one convolution.
+    assert lay.count == 256 and lay.stack_axes == (0, 1) and lay.spatial_axes == ()
+    assert lay.scale == pytest.approx(math.sqrt(8 / 147))
+    # Linen's own name for it, ConvLocal_0, reads the same.
+    assert agd_optax.resolve_layouts({"ConvLocal_0": params["conv_init"]}) == [
+        dataclasses.replace(lay, path="ConvLocal_0/kernel")
+    ]
+
+
+@pytest.mark.parametrize(
+    "name, is_conv",
+    [
+        ("conv", True),
+        ("Conv_0", True),
+        ("conv1", True),
+        ("conv2d", True),
+        ("convs/0", True),  # A list's entries are named by the list.
+        ("stem_conv", True),
+        ("conv_init", False),
+        ("conv_in", False),
+        ("deconv", False),
+        ("proj", False),
+        ("layers/0", False),
+    ],
+)
+def test_which_module_names_say_convolution(name, is_conv):
+    params = {}
+    node = params
+    for key in name.split("/"):
+        node = node.setdefault(key, {})
+    node["kernel"] = jnp.zeros((3, 3, 4, 8))
+    if is_conv:
+        [lay] = agd_optax.resolve_layouts(params)
+        assert lay.spatial_axes == (0, 1)
+    else:
+        with pytest.raises(RoleError, match="neither convolution"):
+            agd_optax.resolve_layouts(params)

@@ -28,6 +28,8 @@ def test_infers_flax_names():
         "ln": {"scale": jnp.ones(16), "bias": jnp.zeros(16)},
         "attn": {
             "query": {"kernel": jnp.zeros((16, 2, 8)), "bias": jnp.zeros((2, 8))},
+            "key": {"kernel": jnp.zeros((16, 2, 8))},
+            "value": {"kernel": jnp.zeros((16, 2, 8))},
             "out": {"kernel": jnp.zeros((2, 8, 16)), "bias": jnp.zeros(16)},
         },
     }
@@ -46,7 +48,7 @@ def test_infers_flax_names():
     assert lay["attn/query/kernel"].scale == pytest.approx(1.0)  # 16 -> 2 * 8
     assert lay["attn/out/kernel"].in_axes == (0, 1) and lay["attn/out/kernel"].out_axes == (2,)
     # Biases and norm-layer parameters count neither in L nor in G.
-    assert sum(x.count for x in lay.values()) == 6
+    assert sum(x.count for x in lay.values()) == 8
     assert lay["dense/bias"].kind == "bias" and lay["dense/bias"].scale == lay["dense/kernel"].scale
     assert lay["ln/scale"].kind == "norm"
 
