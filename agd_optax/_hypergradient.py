@@ -23,7 +23,7 @@ __all__ = [
 # and towers"): the largest candidates with which no tower of height 1 to 3 blows up on optax's
 # test problems.
 HYPER_LEARNING_RATE = 1e-5
-META_LEARNING_RATE = 1.0
+META_LEARNING_RATE = 1e-2
 
 
 class HypergradientState(NamedTuple):

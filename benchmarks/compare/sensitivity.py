@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import io
 import json
 import os
@@ -23,6 +24,17 @@ from benchmarks.config import Config
 from benchmarks.reporting import hardware_description, json_safe
 
 WORKLOADS = {w.name: w for suite in SUITES.values() for w in suite}
+
+
+def _tower_default(name: str) -> float:
+    """A default step of ``agd_optax.hypergradient_tower`` (chosen by the README's rule)."""
+    import agd_optax
+
+    return inspect.signature(agd_optax.hypergradient_tower).parameters[name].default
+
+
+HYPER_LR = _tower_default("hyper_learning_rate")
+META_LR = _tower_default("meta_learning_rate")
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -49,8 +61,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--hyper-lrs",
         type=_floats,
-        default=(1e-5,),
-        help="first hyper level's step sizes, comma-separated (one row per height each)",
+        default=(HYPER_LR,),
+        help="first hyper level's step sizes, comma-separated (one row per height each); "
+        "default: hypergradient_tower's",
     )
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--epochs", type=int, default=None, help="override the workload's epochs")
@@ -94,7 +107,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     **values,
                     optimizer=args.optimizer,
                     lr=lr,
-                    optimizer_options=dict(hyper_height=height, hyper_lr=hyper_lr or 1e-5),
+                    optimizer_options=dict(hyper_height=height, hyper_lr=hyper_lr or HYPER_LR),
                     seed=seed,
                     progress=False,
                     checkpoint=False,
@@ -158,7 +171,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"Hardware: {meta['hardware']}; {meta['seeds']} seed(s) per cell; {result['title']}; "
         f"optimizer {meta['optimizer']}. Height 0 is SGD at the fixed initial step; height h "
         "learns it with a tower of h SGD levels (the first with the hyper-step shown, the ones "
-        "above on the log scale with step 1). Each cell: final test accuracy, and in brackets the "
+        f"above on the log scale with step {meta.get('meta_lr', 1.0):g}). Each cell: final test "
+        "accuracy, and in brackets the "
         "step size of the last epoch (epoch mean). Spread: best minus worst accuracy of the row.",
         "",
         "| tower height | " + " | ".join(f"initial {lr:g}" for lr in lrs) + " | spread |",
@@ -244,6 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "hardware": hardware_description(),
             "seeds": args.seeds,
             "optimizer": args.optimizer,
+            "meta_lr": META_LR,
         }
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"hypergradient_sensitivity_{result['workload']}")
