@@ -85,7 +85,7 @@ def raise_undecided(errors: Sequence[_Undecided]) -> None:
     lines = [f"  '{e.path}' {e.shape}: {e.why}; fix: {e.fix}" for e in errors]
     leaves = "1 leaf" if len(errors) == 1 else f"{len(errors)} leaves"
     raise RoleError(
-        f"cannot infer the AGD role of {leaves} from their names. Read every role "
+        f"cannot infer the AGD role of {leaves} from the parameter names. Read every role "
         f"off the model (any model, any layout):\n  {_TRACE_ONE_LINER}\nor fix each leaf:\n"
         + "\n".join(lines)
         + f"\n{_FIX}"
