@@ -67,7 +67,9 @@ def test_conv_bias_uses_whole_kernel_norm(x64):
     params = {"conv": {"kernel": np.zeros_like(gw), "bias": np.zeros(4)}}
     updates, eta, _ = _step(params, {"conv": {"kernel": gw, "bias": gb}})
     s = math.sqrt(4 / 2) / 3
-    np.testing.assert_allclose(updates["conv"]["bias"], -eta * s * gb / np.linalg.norm(gw), rtol=1e-12)
+    np.testing.assert_allclose(
+        updates["conv"]["bias"], -eta * s * gb / np.linalg.norm(gw), rtol=1e-12
+    )
 
 
 def test_norm_layer_parameters_rule(x64):

@@ -1,5 +1,7 @@
 """The optax contract of ``agd_optax.agd()``: jit, scan, cond, optax wrappers, mixed precision,
-Flax NNX and Linen, sharding, and degenerate gradients.
+Flax NNX and Linen, sharding, and degenerate gradients, on the zoo's models. (What optax asks of
+every optimizer, MultiSteps and jit equal to no jit among it, runs for all of the library's in
+``test_optax_contract.py``.)
 
 Setup runs inside ``jax.jit`` (one compilation instead of one per eager op) and checks run in
 NumPy, so the whole file stays fast on a small CPU.
@@ -291,35 +293,7 @@ def test_state_stable_under_cond(dtype, x64):
 
 
 # --------------------------------------------------------------------------------------------------
-# 5. MultiSteps.
-
-
-@pytest.mark.parametrize("problem", CORE, ids=_ids)
-def test_multisteps_equals_update_on_mean_gradient(problem):
-    k = 3
-    params, _ = _params_and_grads(problem)
-    # Three different gradients (at three initialisations), all applied at the same params.
-    gs = [_params_and_grads(problem, seed)[1] for seed in (1, 2, 3)]
-    tx = optax.MultiSteps(agd_optax.agd(), every_k_schedule=k)
-    state = jax.jit(tx.init)(params)
-    step = jax.jit(tx.update)
-    for g in gs[:-1]:
-        updates, state = step(g, state, params)
-        for u in jax.tree.leaves(updates):
-            assert np.all(_np(u) == 0.0)
-        assert int(optax.tree.get(state.inner_opt_state, "count")) == 0
-    updates, state = step(gs[-1], state, params)
-    assert int(state.gradient_step) == 1
-    assert int(optax.tree.get(state.inner_opt_state, "count")) == 1
-
-    mean = jax.tree.map(lambda *g: sum(np.asarray(x) for x in g) / np.float32(k), *gs)
-    ref_updates, ref_state = _agd_update(mean, agd_optax.agd().init(params), params)
-    _assert_trees_close(updates, ref_updates, rtol=1e-5, atol=1e-6 * _max_abs(ref_updates))
-    np.testing.assert_allclose(_eta(state.inner_opt_state), _eta(ref_state), rtol=1e-6)
-
-
-# --------------------------------------------------------------------------------------------------
-# 6. inject_hyperparams.
+# 5. inject_hyperparams.
 
 
 def test_inject_hyperparams_gain():
@@ -358,7 +332,7 @@ def test_inject_hyperparams_gain():
 
 
 # --------------------------------------------------------------------------------------------------
-# 7. apply_if_finite, and non-finite gradients without it.
+# 6. apply_if_finite, and non-finite gradients without it.
 
 
 def _poison(grads, index, value):
@@ -423,7 +397,7 @@ def test_plain_agd_nonfinite_gradient_poisons_everything(problem, value):
 
 
 # --------------------------------------------------------------------------------------------------
-# 8. Chained after clip_by_global_norm.
+# 7. Chained after clip_by_global_norm.
 
 
 @pytest.mark.parametrize("problem", CORE, ids=_ids)
@@ -445,29 +419,7 @@ def test_chain_after_clip_by_global_norm(problem):
 
 
 # --------------------------------------------------------------------------------------------------
-# 9. Eager and jit agree.
-
-
-class EagerAndJitAgree(chex.TestCase):
-    """The same update with and without jit (chex.variants runs the test once for each)."""
-
-    @chex.variants(with_jit=True, without_jit=True)
-    def test_update_and_init(self):
-        for problem in CORE:
-            params, grads = _params_and_grads(problem)
-            tx = agd_optax.agd()
-            state = tx.init(params)
-            updates, new_state = self.variant(tx.update)(grads, state, params)
-            ref_updates, ref_state = _agd_update(grads, state, params)
-            _assert_trees_close(updates, ref_updates, rtol=1e-6, atol=1e-8)
-            assert _avals(new_state) == _avals(ref_state) == _avals(state)
-            np.testing.assert_allclose(_eta(new_state), _eta(ref_state), rtol=1e-6)
-            np.testing.assert_allclose(_G(new_state), _G(ref_state), rtol=1e-6)
-            assert _avals(self.variant(tx.init)(params)) == _avals(state)
-
-
-# --------------------------------------------------------------------------------------------------
-# 10. Reading the state.
+# 8. Reading the state.
 
 
 def test_tree_get_reads_eta_and_count():
@@ -489,7 +441,7 @@ def test_tree_get_reads_eta_and_count():
 
 
 # --------------------------------------------------------------------------------------------------
-# 11. Flax NNX.
+# 9. Flax NNX.
 
 
 class NNXMLP(nnx.Module):
@@ -592,7 +544,7 @@ def test_nnx_roles_attention_embed_conv_model():
 
 
 # --------------------------------------------------------------------------------------------------
-# 12. Flax Linen TrainState.
+# 10. Flax Linen TrainState.
 
 
 class LinenMLP(nn.Module):
@@ -630,7 +582,7 @@ def test_linen_train_state_trains():
 
 
 # --------------------------------------------------------------------------------------------------
-# 13. Sharding.
+# 11. Sharding.
 
 _SHARDING_SHAPES = {
     "conv": {"kernel": (3, 3, 8, 16), "bias": (16,)},
@@ -738,7 +690,7 @@ def test_sharded_updates_match_unsharded(two_axes, axis_type):
 
 
 # --------------------------------------------------------------------------------------------------
-# 14. Zero gradients.
+# 12. Zero gradients.
 
 
 @pytest.mark.parametrize("problem", CORE, ids=_ids)

@@ -1,6 +1,7 @@
 """Hypergradient descent and towers: hand-derived hypergradients in float64, autodiff tangents
-against finite differences, the towers' sensitivity to the initial step size on the zoo, and the
-optax contract (jit, chain, cond, NNX, sharding, checkpoints)."""
+against finite differences, the towers' sensitivity to the initial step size on the zoo, and their
+use with optax.chain, NNX and checkpoints. (optax's contract for every optimizer, jit, dtypes,
+sharding and optax's wrappers among it, runs in test_optax_contract.py.)"""
 
 import math
 
@@ -11,8 +12,6 @@ import numpy as np
 import optax
 import pytest
 import zoo
-from jax.sharding import AxisType, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 import agd_optax
 
@@ -275,7 +274,7 @@ def test_tower_sensitivity_on_the_whole_zoo(problem):
 
 
 # --------------------------------------------------------------------------------------------------
-# 3. The optax contract.
+# 3. Reading the state, chains, NNX, checkpoints and errors.
 
 _MLP_SHAPES = {"dense0": {"kernel": (8, 16), "bias": (16,)}, "dense1": {"kernel": (16, 8)}}
 
@@ -303,37 +302,6 @@ def _adam_tower(height=2):
     return agd_optax.hypergradient_tower(
         adam, height, hyper_learning_rate=1e-4, learning_rate=1e-2, b1=0.9
     )
-
-
-def _avals(tree):
-    return jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x), jax.typeof(x).weak_type), tree)
-
-
-def test_no_recompilation_and_stable_state_types():
-    params, loss = _mlp_problem()
-    tx = _adam_tower()
-
-    @jax.jit
-    @chex.assert_max_traces(n=1)
-    def step(params, state):
-        updates, state = tx.update(jax.grad(loss)(params), state, params)
-        return optax.apply_updates(params, updates), state
-
-    state0 = tx.init(params)
-    p, s1 = step(params, state0)
-    p, s2 = step(p, s1)  # Its own outputs fed back: their avals must be init's.
-    p, s3 = step(p, s2)
-    assert _avals(state0) == _avals(s1) == _avals(s3)
-    lr = [float(v) for level in agd_optax.learned_hyperparams(s3) for v in level.values()]
-    assert lr[0] != 1e-2 and all(np.isfinite(lr))
-
-    # Under lax.cond (both branches must give the same state types).
-    @jax.jit
-    def maybe_step(pred, params, state):
-        grads = jax.grad(loss)(params)
-        return jax.lax.cond(pred, lambda s: tx.update(grads, s, params)[1], lambda s: s, state)
-
-    assert _avals(maybe_step(True, p, s3)) == _avals(s3)
 
 
 def test_learned_hyperparams_readable():
@@ -378,18 +346,6 @@ def test_chain_equals_manual_composition():
     chex.assert_trees_all_close(c_state[1], h_state, rtol=1e-6)
 
 
-def test_bfloat16_params_keep_their_dtype():
-    params, loss = _mlp_problem(jnp.bfloat16)
-    tx = agd_optax.hypergradient(optax.sgd, optax.sgd(1e-3), learning_rate=0.1, momentum=0.5)
-    state = tx.init(params)
-    grads = jax.grad(lambda p: loss(jax.tree.map(lambda x: x.astype(jnp.float32), p)))(params)
-    updates, new_state = jax.jit(tx.update)(grads, state, params)
-    chex.assert_trees_all_equal_dtypes(updates, params)
-    assert _avals(new_state) == _avals(state)
-    assert new_state.hyperparams["learning_rate"].dtype == jnp.float32
-    assert jax.tree.leaves(new_state.tangents)[0].dtype == jnp.bfloat16
-
-
 def test_nnx_optimizer_trains_and_logs_the_step_size():
     from flax import nnx
 
@@ -419,43 +375,6 @@ def test_nnx_optimizer_trains_and_logs_the_step_size():
     levels = agd_optax.learned_hyperparams(nnx.as_pure(nnx.state(optimizer.opt_state)))
     assert float(levels[0]["learning_rate"]) > 0.05  # Learned upwards from a small start.
     assert float(levels[1]["learning_rate_level1"]) != 1e-2
-
-
-def test_sharded_parameters_match_unsharded():
-    assert jax.device_count() == 8
-    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))  # make_mesh's default.
-    specs = {
-        "dense0": {"kernel": P(None, "data"), "bias": P("data")},
-        "dense1": {"kernel": P("data")},
-    }
-    params, _ = _mlp_problem()
-    tx = _adam_tower()
-
-    def loss(p):  # Elementwise and sums only: no sharded contraction to annotate.
-        return sum(jnp.sum(jnp.cos(x) * x**2) for x in jax.tree.leaves(p))
-
-    @jax.jit
-    def two_steps(params, state):
-        for _ in range(2):
-            updates, state = tx.update(jax.grad(loss)(params), state, params)
-            params = optax.apply_updates(params, updates)
-        return params, state
-
-    ref_params, ref_state = two_steps(params, tx.init(params))
-    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
-    sh_params = jax.device_put(params, shardings)
-    with jax.set_mesh(mesh):
-        sh_state0 = tx.init(sh_params)
-        out_params, out_state = two_steps(sh_params, sh_state0)
-    chex.assert_trees_all_close(out_params, ref_params, rtol=1e-5, atol=1e-6)
-    chex.assert_trees_all_close(out_state, ref_state, rtol=1e-4, atol=1e-7)
-    assert _avals(out_state) == _avals(ref_state)
-    for x, sharding in zip(jax.tree.leaves(out_params), jax.tree.leaves(shardings)):
-        assert x.sharding.is_equivalent_to(sharding, x.ndim), (x.sharding, sharding)
-    # Each tangent (one params-shaped tree per hyperparameter) is sharded like the parameters.
-    for tangent in out_state.tangents:
-        for t, sharding in zip(jax.tree.leaves(tangent), jax.tree.leaves(shardings)):
-            assert t.sharding.is_equivalent_to(sharding, t.ndim), (t.sharding, sharding)
 
 
 def test_orbax_checkpoint_round_trip(tmp_path):
