@@ -6,6 +6,8 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 import pytest
 from flax import linen as nn
 
@@ -280,3 +282,46 @@ def test_which_module_names_say_convolution(name, is_conv):
     else:
         with pytest.raises(RoleError, match="neither convolution"):
             agd_optax.resolve_layouts(params)
+
+
+def test_convolution_as_patches_and_matmul_needs_its_role_given():
+    """The README's example: trace_roles reads `patches @ kernel` as a dense map (the
+    convolution's scale, one norm instead of one per position); the conv role, given, makes the
+    update exactly the convolution's."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((4, 8, 8, 3)), jnp.float32)
+    y = jnp.asarray(rng.standard_normal((4, 8, 8, 8)), jnp.float32)
+    hwio = jnp.asarray(rng.standard_normal((3, 3, 3, 8)) / 3, jnp.float32)
+    dims = ("NHWC", "HWIO", "NHWC")
+
+    def conv(p, x):
+        return jax.lax.conv_general_dilated(
+            x, p["conv"]["kernel"], (1, 1), "SAME", dimension_numbers=dims
+        )
+
+    def patches(p, x):
+        pt = jax.lax.conv_general_dilated_patches(x, (3, 3), (1, 1), "SAME", dimension_numbers=dims)
+        kernel = p["conv"]["kernel"]  # (in, kh, kw, out): the patches' feature order.
+        return pt @ kernel.reshape(-1, kernel.shape[-1])
+
+    p_conv = {"conv": {"kernel": hwio}}
+    p_patches = {"conv": {"kernel": jnp.transpose(hwio, (2, 0, 1, 3))}}
+    np.testing.assert_allclose(conv(p_conv, x), patches(p_patches, x), atol=1e-5)
+
+    def step(fn, params, roles):
+        grads = jax.grad(lambda p: jnp.mean((fn(p, x) - y) ** 2))(params)
+        tx = agd_optax.agd(roles=roles)
+        updates, state = tx.update(grads, tx.init(params), params)
+        return updates["conv"]["kernel"], float(optax.tree.get(state, "eta"))
+
+    want, eta = step(conv, p_conv, agd_optax.trace_roles(conv, p_conv, x))
+    traced = agd_optax.trace_roles(patches, p_patches, x)
+    lay = _lay(p_patches, traced)["conv/kernel"]
+    assert lay.in_axes == (0, 1, 2) and lay.spatial_axes == ()  # A dense map, fan-in 27.
+    assert lay.scale == pytest.approx(_lay(p_conv, None)["conv/kernel"].scale)
+    _, eta_traced = step(patches, p_patches, traced)
+    assert eta_traced == pytest.approx(0.364, abs=1e-3) and eta == pytest.approx(0.671, abs=1e-3)
+    role = {"conv": {"kernel": agd_optax.conv(spatial_axes=(1, 2), in_axis=0, out_axis=3)}}
+    got, eta_given = step(patches, p_patches, role)
+    np.testing.assert_allclose(jnp.transpose(got, (1, 2, 0, 3)), want, rtol=1e-5, atol=1e-7)
+    assert eta_given == pytest.approx(eta, rel=1e-6)
