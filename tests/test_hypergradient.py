@@ -3,7 +3,10 @@ against finite differences, the towers' sensitivity to the initial step size on 
 use with optax.chain, NNX and checkpoints. (optax's contract for every optimizer, jit, dtypes,
 sharding and optax's wrappers among it, runs in test_optax_contract.py.)"""
 
+import inspect
+import json
 import math
+import pathlib
 
 import chex
 import jax
@@ -423,3 +426,35 @@ def test_errors_name_the_hyperparameter():
     state = tx.init(jnp.zeros(3))
     with pytest.raises(TypeError, match="traced"):
         jax.jit(tx.update)(jnp.ones(3), state, jnp.zeros(3))
+
+
+def test_the_default_steps_rule_as_written():
+    """benchmarks.compare.hyper_defaults.choose applies the README's rule: counted pairs are those
+    where plain SGD holds; the largest hyper step with no blow-up at height 1, then the largest
+    meta step with none at heights 2 and 3."""
+    from benchmarks.compare import hyper_defaults as rule
+
+    def rec(target, lr, height, hyper=None, meta=None, blew_up=False):
+        return dict(target=target, lr=lr, height=height, hyper=hyper, meta=meta, blew_up=blew_up)
+
+    records = [rec("a", 0.1, 0), rec("a", 1.0, 0, blew_up=True)]
+    for hyper in rule.HYPER_CANDIDATES:
+        records.append(rec("a", 0.1, 1, hyper, blew_up=hyper == 1e-5))
+        records.append(rec("a", 1.0, 1, hyper, blew_up=True))  # Not counted: SGD blew up.
+        for meta in rule.META_CANDIDATES:
+            for height in (2, 3):
+                bad = meta >= 0.1 or (height == 3 and meta == 1e-2)
+                records.append(rec("a", 0.1, height, hyper, meta, blew_up=bad))
+    choice = rule.choose(records)
+    assert choice["counted"] == [("a", 0.1)]
+    assert choice["hyper_learning_rate"] == 1e-6 and choice["meta_learning_rate"] == 1e-3
+    # The library's defaults are the ones the recorded run chose.
+    defaults = inspect.signature(agd_optax.hypergradient_tower).parameters
+    saved = json.loads(
+        (
+            pathlib.Path(__file__).parents[1] / "benchmarks/results/hypergradient_defaults.json"
+        ).read_text()
+    )["choice"]
+    assert defaults["hyper_learning_rate"].default == saved["hyper_learning_rate"] == 1e-5
+    assert defaults["meta_learning_rate"].default == saved["meta_learning_rate"] == 1e-2
+    assert saved["hyper_passed"] and saved["meta_passed"]
