@@ -19,8 +19,8 @@ __all__ = [
     "learned_hyperparams",
 ]
 
-# hypergradient_tower's default steps, chosen by the rule in the README ("Hypergradient descent
-# and towers"): the largest candidates with which no tower of height 1 to 3 blows up on optax's
+# hypergradient_tower's default steps, chosen by the rule in docs/hypergradient.md ("The tower's
+# default steps"): the largest candidates with which no tower of height 1 to 3 blows up on optax's
 # test problems.
 HYPER_LEARNING_RATE = 1e-5
 META_LEARNING_RATE = 1e-2
@@ -438,9 +438,9 @@ def hypergradient_tower(
     ``optax.tree.get(state, "learning_rate")`` reads the base's and
     ``optax.tree.get(state, "learning_rate_level1")`` the first hyper level's.
 
-    The defaults of the two steps were chosen by a rule written down before the runs (README,
-    "Hypergradient descent and towers"): the largest candidates with which no tower of height 1
-    to 3 blows up on optax's own test problems.
+    The defaults of the two steps were chosen by a rule written down before the runs
+    (docs/hypergradient.md, "The tower's default steps"): the largest candidates with which no
+    tower of height 1 to 3 blows up on optax's own test problems.
 
     With ``optax.inject_hyperparams``: pass ``static_args=("base", "height")``; the two steps are
     then injected (arrays in the state, changeable between steps: the top's fixed step follows).

@@ -271,7 +271,7 @@ def test_tower_sensitivity_on_the_whole_zoo(problem):
     assert worst[0] > 0.5, worst
     assert worst[1] < 0.1 * worst[0], worst
     assert worst[2] <= 1.001 * worst[1], worst
-    # (With the meta step 1, the default before the README's rule chose 0.01, a third level
+    # (With the meta step 1, the default before the documented rule chose 0.01, a third level
     # drove mlp_bias_layernorm's tower started at 0.1 above its initial loss.)
     assert worst[3] <= 1.001 * worst[2], worst
 
@@ -429,9 +429,9 @@ def test_errors_name_the_hyperparameter():
 
 
 def test_the_default_steps_rule_as_written():
-    """benchmarks.compare.hyper_defaults.choose applies the README's rule: counted pairs are those
-    where plain SGD holds; the largest hyper step with no blow-up at height 1, then the largest
-    meta step with none at heights 2 and 3."""
+    """benchmarks.compare.hyper_defaults.choose applies the rule in docs/hypergradient.md: counted
+    pairs are those where plain SGD holds; the largest hyper step with no blow-up at height 1,
+    then the largest meta step with none at heights 2 and 3."""
     from benchmarks.compare import hyper_defaults as rule
 
     def rec(target, lr, height, hyper=None, meta=None, blew_up=False):

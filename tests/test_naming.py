@@ -285,7 +285,7 @@ def test_which_module_names_say_convolution(name, is_conv):
 
 
 def test_convolution_as_patches_and_matmul_needs_its_role_given():
-    """The README's example: trace_roles reads `patches @ kernel` as a dense map (the
+    """The example of docs/roles.md: trace_roles reads `patches @ kernel` as a dense map (the
     convolution's scale, one norm instead of one per position); the conv role, given, makes the
     update exactly the convolution's."""
     rng = np.random.default_rng(0)

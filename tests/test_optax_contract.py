@@ -168,8 +168,8 @@ def _run(tx, x0, loss, steps):
 @pytest.mark.parametrize("name", ["hypergradient", "hypergradient_tower", *CONTROL])
 def test_converges_on_optax_targets(name):
     """optax's targets, 30 000 steps and its tolerance. The towers (heights 2 and 3) run at the
-    default steps, which the README's rule chose so that none blows up on these problems (with the
-    earlier meta step 1, height 2 reached NaN within 6 steps on the parabola)."""
+    default steps, which the rule in docs/hypergradient.md chose so that none blows up on these
+    problems (with the earlier meta step 1, height 2 reached NaN within 6 steps on the parabola)."""
     txs = {"": _make(name)}
     if name == "hypergradient_tower":
         txs = {f"height {h}": _make(name, height=h) for h in (2, 3)}

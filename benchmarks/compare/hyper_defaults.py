@@ -4,7 +4,7 @@
 
 Runs SGD towers of height 0 to 3 on the four targets optax tests its optimizers on, from initial
 step sizes 1e-4 to 0.1, for every candidate first-level step (``hyper_learning_rate``) and step of
-the levels above (``meta_learning_rate``), and applies the rule written in the README
+the levels above (``meta_learning_rate``), and applies the rule written in docs/hypergradient.md
 ("Hypergradient descent and towers"): the largest hyper step with no blow-up at height 1, then the
 largest meta step with no blow-up at heights 2 and 3, counting only the (target, initial step)
 pairs where plain SGD at that fixed step does not blow up itself. A blow-up is a loss or learned

@@ -27,7 +27,7 @@ WORKLOADS = {w.name: w for suite in SUITES.values() for w in suite}
 
 
 def _tower_default(name: str) -> float:
-    """A default step of ``agd_optax.hypergradient_tower`` (chosen by the README's rule)."""
+    """A default step of ``agd_optax.hypergradient_tower`` (chosen by the rule in docs/hypergradient.md)."""
     import agd_optax
 
     return inspect.signature(agd_optax.hypergradient_tower).parameters[name].default
