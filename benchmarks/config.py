@@ -201,6 +201,13 @@ class Config:
             self.optimizer_options = resolve_options(self.optimizer, self.optimizer_options)
         except ValueError as e:
             check(False, str(e))
+        self._validated_as = self.to_json()
+        return self
+
+    def ensure_valid(self) -> Config:
+        """``validate()`` unless this Config was validated and has not changed since."""
+        if getattr(self, "_validated_as", None) != self.to_json():
+            self.validate()
         return self
 
     def _check_numbers(self, check) -> None:

@@ -247,13 +247,16 @@ OPTIMIZERS.update({
 
 
 def resolve(
-    config: Any, total_steps: int, steps_per_epoch: int, roles: Callable[[], Any] | None
-) -> tuple[Optimizer, optax.GradientTransformation]:
-    """The registry entry of ``config.optimizer`` and its transformation for a run: its learning
-    rate and schedule, its own options, AGD's rule, ``roles`` (a callable giving the model's
-    leaf roles, asked only by the optimizers that use them) and, with
-    ``config.skip_nonfinite``, ``optax.apply_if_finite`` around it."""
-    spec = get(config.optimizer)
+    spec: Optimizer,
+    config: Any,
+    total_steps: int,
+    steps_per_epoch: int,
+    roles: Callable[[], Any] | None,
+) -> optax.GradientTransformation:
+    """The transformation of registry entry ``spec`` for a run of ``config``: its learning rate
+    and schedule, its own options, AGD's rule, ``roles`` (a callable giving the model's leaf
+    roles, asked only by the optimizers that use them) and, with ``config.skip_nonfinite``,
+    ``optax.apply_if_finite`` around it."""
     lr = None
     if spec.takes_lr:
         peak = spec.default_lr if config.lr is None else config.lr
@@ -264,7 +267,7 @@ def resolve(
         weight_decay=config.weight_decay,
         momentum=config.momentum,
         gain=config.gain,
-        options=resolve_options(config.optimizer, config.optimizer_options),
+        options=config.optimizer_options,  # Complete: Config.validate filled in the defaults.
         roles=roles,
         total_steps=total_steps,
         agd_rule=config.agd_rule,
@@ -272,7 +275,7 @@ def resolve(
     tx = spec.build(hyper)
     if config.skip_nonfinite:
         tx = optax.apply_if_finite(tx, config.skip_nonfinite)
-    return spec, tx
+    return tx
 
 
 def get(name: str) -> Optimizer:

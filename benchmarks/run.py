@@ -56,8 +56,8 @@ def train_and_evaluate(config: Config, workdir: str | None = None, mesh=None) ->
     With ``config.resume``, continues from the newest intact checkpoint: a run stopped after
     epoch k and resumed ends with exactly the weights of an uninterrupted run.
     """
-    config.validate()
     t_start = time.perf_counter()
+    config.ensure_valid()
     if config.compilation_cache:
         enable_compilation_cache()
     spec = optimizers.get(config.optimizer)  # The one lookup of the optimizer's entry.
@@ -72,7 +72,8 @@ def train_and_evaluate(config: Config, workdir: str | None = None, mesh=None) ->
         # The model's roles, read once from its shapes, for the optimizers and inits that use them.
         build_model = model_builder(config, task, spec.agd_init)
         roles = functools.cache(lambda: task.roles(nnx.eval_shape(build_model)))
-        _, tx = optimizers.resolve(config, steps_per_epoch * config.epochs, steps_per_epoch, roles)
+        total_steps = steps_per_epoch * config.epochs
+        tx = optimizers.resolve(spec, config, total_steps, steps_per_epoch, roles)
         initialize = agd_initialization(config, task, spec.agd_init, roles)
         trainer = Trainer(config, spec, tx, build_model, initialize, mesh)
 

@@ -257,7 +257,7 @@ def test_hypergradient_optimizers_log_their_learned_step_size(tmp_path):
     assert fixed["learning_rate"] == pytest.approx(0.05)
     with pytest.raises(ValueError, match="--schedule constant"):
         _run(tmp_path, "cosine", optimizer="hypergradient-sgd", schedule="cosine")
-    with pytest.raises(ValueError, match="height must be an integer >= 0"):
+    with pytest.raises(ValueError, match="height must be a Python int >= 0"):
         _run(tmp_path, "bad", optimizer="hypergradient-sgd", optimizer_options={"hyper_height": -1})
     config = train.parse_args(["--optimizer", "hypergradient-adam", "--hyper-height", "3"])
     assert config.optimizer_options == {"hyper_height": 3, "hyper_lr": 1e-5}

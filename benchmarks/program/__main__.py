@@ -60,6 +60,7 @@ def fixed_costs(rounds: int) -> dict[str, list[float]]:
 def plain_loop_images_per_second(config: Config) -> float:
     """A plain loop: the program's model, optimizer and batches, one ``jax.jit`` step over the
     split NNX state, timed from the end of its first (compiling) step."""
+    config.ensure_valid()
     task = make_task(config)
     spec = optimizers.get(config.optimizer)
     steps = task.num_train() // config.train_bs
@@ -69,7 +70,7 @@ def plain_loop_images_per_second(config: Config) -> float:
     initialize = agd_initialization(config, task, spec.agd_init, roles)
     if initialize is not None:
         nnx.update(model, initialize(nnx.state(model, nnx.Param)))
-    _, tx = optimizers.resolve(config, steps * config.epochs, steps, roles)
+    tx = optimizers.resolve(spec, config, steps * config.epochs, steps, roles)
     graphdef, state = nnx.split((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
 
     @jax.jit
