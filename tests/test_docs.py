@@ -32,3 +32,11 @@ def test_the_api_reference_documents_every_public_name_once():
     assert not unknown, f"docs/api/ documents names outside agd_optax.__all__: {unknown}"
     twice = sorted({n for n in documented if documented.count(n) > 1})
     assert not twice, f"documented twice in docs/api/: {twice}"
+
+
+def test_the_evidence_page_links_every_results_table():
+    root = pathlib.Path(__file__).parents[1]
+    text = (root / "docs" / "evidence.md").read_text()
+    tables = sorted((root / "benchmarks" / "results").glob("*.md"))
+    unlinked = [t.name for t in tables if f"](../benchmarks/results/{t.name})" not in text]
+    assert not unlinked, f"docs/evidence.md does not link these results tables: {unlinked}"
