@@ -52,8 +52,8 @@ def _avg_pool(x):
 
 
 def cnn(params, x):
-    x = _avg_pool(scaled_relu(_conv(x, params["layer0"]["kernel"])))
-    x = _avg_pool(scaled_relu(_conv(x, params["layer1"]["kernel"])))
+    x = _avg_pool(scaled_relu(_conv(x, params["conv0"]["kernel"])))
+    x = _avg_pool(scaled_relu(_conv(x, params["conv1"]["kernel"])))
     x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)  # PyTorch's C, H, W flatten order.
     return x @ params["layer2"]["kernel"]
 
@@ -70,8 +70,13 @@ def loss_fn(apply, loss, params, x, y, num_classes=10):
 def load_case(data, case):
     arch, loss, gain = CASES[case]
     n = len([k for k in data.files if k.startswith(f"{case}/W0_")])
-    params0 = {f"layer{i}": {"kernel": to_flax(data[f"{case}/W0_{i}"])} for i in range(n)}
-    params1 = {f"layer{i}": {"kernel": to_flax(data[f"{case}/W1_{i}"])} for i in range(n)}
+
+    # Flax's names: a convolution's module is named as one, which is what names read it by.
+    def name(i):
+        return f"conv{i}" if data[f"{case}/W0_{i}"].ndim == 4 else f"layer{i}"
+
+    params0 = {name(i): {"kernel": to_flax(data[f"{case}/W0_{i}"])} for i in range(n)}
+    params1 = {name(i): {"kernel": to_flax(data[f"{case}/W1_{i}"])} for i in range(n)}
     x = data[f"{case}/X"]
     if arch == "cnn":
         x = np.transpose(x, (0, 2, 3, 1))  # N, C, H, W -> N, H, W, C
