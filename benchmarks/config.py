@@ -36,6 +36,30 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
         max_steps_per_epoch=100,
     ),
 }
+# Settings that do not change what is computed (a resumed run may change them; runs that differ
+# only in them share their compiled programs). Every other field, including fields added later,
+# is taken to change it.
+INERT_FIELDS = frozenset(
+    {
+        "data_dir",
+        "download",
+        "test_bs",  # Evaluation batches: the same sums, only grouped differently.
+        "workdir",
+        "resume",
+        "overwrite",
+        "checkpoint",
+        "checkpoint_every",  # Which epochs are saved; a resumed run ends the same either way.
+        "compilation_cache",
+        "progress",
+        "samples",  # Text generated once training is over.
+        "num_workers",
+        "shard_params",  # Where the state lives, not what it is.
+        "distributed",
+        "coordinator_address",
+        "num_processes",
+        "process_id",
+    }
+)
 LOSSES = ("mse", "xent")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -254,6 +278,16 @@ class Config:
             fixed is None or self.depth in (None, fixed),
             f"--depth: arch {self.arch!r} has a fixed depth ({fixed}), got {self.depth}; --depth "
             f"applies to {', '.join(n for n, a in ARCHITECTURES.items() if a.fixed_depth is None)}",
+        )
+
+    def computation_key(self, *but: str) -> str:
+        """The settings that decide the computation, but ``but``, as one string: runs with the
+        same key build the same optimizer and programs (``optimizers.resolve`` and the steps
+        reuse them in one process)."""
+        values = dataclasses.asdict(self)
+        return json.dumps(
+            {k: v for k, v in values.items() if k not in INERT_FIELDS and k not in but},
+            sort_keys=True,
         )
 
     def to_json(self) -> str:

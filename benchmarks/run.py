@@ -35,6 +35,7 @@ CHECK_FINITE_EVERY = 100
 # Automatic checkpoints: a save once the training since the last one took this many times as long
 # as the last save did (checkpoints stay under about 1 / (1 + SAVE_RATIO) of the time).
 SAVE_RATIO = 10.0
+_TRANSFORMATIONS: dict[str, Any] = {}  # Run key (Config.computation_key) -> its optimizer.
 
 
 class NonFiniteError(RuntimeError):
@@ -71,11 +72,16 @@ def train_and_evaluate(config: Config, workdir: str | None = None, mesh=None) ->
 
         # The model's roles, read once from its shapes, for the optimizers and inits that use them.
         build_model = model_builder(config, task, spec.agd_init)
-        roles = functools.cache(lambda: task.roles(nnx.eval_shape(build_model)))
-        total_steps = steps_per_epoch * config.epochs
-        tx = optimizers.resolve(spec, config, total_steps, steps_per_epoch, roles)
+        shapes = nnx.eval_shape(lambda: build_model(0))
+        roles = functools.cache(lambda: task.roles(shapes))
+        # Runs of one process that differ only in the seed share the optimizer and programs.
+        key = f"{config.computation_key('seed')} {steps_per_epoch} {nnx.state(shapes)}"
+        if key not in _TRANSFORMATIONS:
+            total_steps = steps_per_epoch * config.epochs
+            tx = optimizers.resolve(spec, config, total_steps, steps_per_epoch, roles)
+            _TRANSFORMATIONS[key] = tx
         initialize = agd_initialization(config, task, spec.agd_init, roles)
-        trainer = Trainer(config, spec, tx, build_model, initialize, mesh)
+        trainer = Trainer(config, spec, _TRANSFORMATIONS[key], build_model, initialize, mesh, key)
 
         if is_main:  # The flags, the data and the model are accepted: the run takes the folder.
             folder.start_run(workdir, config)

@@ -22,7 +22,7 @@ import shutil
 import socket
 from typing import Any
 
-from benchmarks.config import Config, flag_name
+from benchmarks.config import INERT_FIELDS, Config, flag_name
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -33,29 +33,9 @@ SAMPLES_FILE = "samples.txt"  # Language models: text generated after training.
 LOCK_FILE = ".lock"
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, PLOT_FILE, SAMPLES_FILE, CHECKPOINT_DIR)
 
-# Settings that do not change what is computed: they may differ when a run is resumed. Every
-# other field of Config (including fields added later) must match the saved config.json.
-MAY_CHANGE_ON_RESUME = frozenset(
-    {
-        "data_dir",
-        "download",
-        "test_bs",  # Evaluation batches: the same sums, only grouped differently.
-        "workdir",
-        "resume",
-        "overwrite",
-        "checkpoint",
-        "checkpoint_every",  # Which epochs are saved; a resumed run ends the same either way.
-        "compilation_cache",
-        "progress",
-        "samples",  # Text generated once training is over.
-        "num_workers",
-        "shard_params",  # Where the state lives, not what it is.
-        "distributed",
-        "coordinator_address",
-        "num_processes",
-        "process_id",
-    }
-)
+# Settings that do not change what is computed may differ when a run is resumed
+# (``config.INERT_FIELDS``); every other field of Config must match the saved config.json.
+MAY_CHANGE_ON_RESUME = INERT_FIELDS
 
 
 class RunFolderError(RuntimeError):

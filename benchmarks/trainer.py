@@ -131,6 +131,7 @@ _STATICS = ("graphdef", "settings", "shardings")
 _TRAIN = jax.jit(_train_step, static_argnames=_STATICS, donate_argnums=0)
 _EVAL = jax.jit(_eval_step, static_argnames=("graphdef", "settings"))
 _COMPILED: dict[Any, Any] = {}  # (step, statics, argument types) -> compiled executable.
+_INITS: dict[str, Any] = {}  # Run key -> the jitted initialisation of that model and optimizer.
 
 
 def _signature(tree: Any) -> Any:
@@ -148,22 +149,23 @@ def _compiled(step, args: tuple, statics: dict[str, Any]) -> tuple[Any, float]:
     return _COMPILED[key], time.perf_counter() - t0
 
 
-def model_builder(config: Config, task: Task, agd_init: bool) -> Callable[[], nnx.Module]:
-    """A function building ``config``'s model, with Flax's initialisers, or for a model that
-    initialises itself (``Task.initialises_itself``) AGD's way when ``agd_init``."""
+def model_builder(config: Config, task: Task, agd_init: bool) -> Callable[[Any], nnx.Module]:
+    """A function of the seed (an int or a traced one) building ``config``'s model, with Flax's
+    initialisers, or for a model that initialises itself (``Task.initialises_itself``) AGD's way
+    when ``agd_init``."""
     num_classes, input_shape, options = task.model_spec()
     options = options | {name: getattr(config, name) for name in config.architecture.options}
     if task.initialises_itself:
         options["init"] = "agd" if agd_init else "gpt2"
     depth = config.depth if config.architecture.fixed_depth is None else None
-    return lambda: make_model(
+    return lambda seed: make_model(
         config.arch,
         num_classes=num_classes,
         input_shape=input_shape,
         depth=depth,
         width=config.width,
         bias=config.bias,
-        rngs=nnx.Rngs(config.seed),
+        rngs=nnx.Rngs(jax.random.key(seed)),
         **options,
     )
 
@@ -171,16 +173,17 @@ def model_builder(config: Config, task: Task, agd_init: bool) -> Callable[[], nn
 def agd_initialization(
     config: Config, task: Task, agd_init: bool, roles: Callable[[], Any]
 ) -> Callable[[Any], Any] | None:
-    """``params -> params``: AGD's scaled orthogonal initialisation by the model's ``roles``
-    (with ``agd_init``, unless the model initialises itself), then, for AGD, the weights whose
-    role its rule changes initialised by their new role; None when nothing changes."""
+    """``(params, seed) -> params``: AGD's scaled orthogonal initialisation by the model's
+    ``roles`` (with ``agd_init``, unless the model initialises itself), then, for AGD, the
+    weights whose role its rule changes initialised by their new role; None when nothing
+    changes."""
     reinit = agd_init and not task.initialises_itself
     by_rule = config.optimizer == "agd" and rules.changed_by_rule(config.agd_rule, roles())
     if not (reinit or by_rule):
         return None
-    seed = jax.random.key(config.seed)
 
-    def initialize(params):
+    def initialize(params, seed):
+        seed = jax.random.key(seed)
         if reinit:
             params = agd_optax.reinitialize(jax.random.fold_in(seed, 1), params, roles())
         if by_rule:
@@ -200,22 +203,24 @@ class Trainer:
     norms, G and eta, and BatchNorm's batch statistics, are those of the global batch.
     """
 
-    def __init__(self, config: Config, spec, tx, build_model, initialize, mesh):
+    def __init__(self, config: Config, spec, tx, build_model, initialize, mesh, key: str = ""):
         """``build_model``: ``model_builder``'s function; ``initialize``: ``agd_initialization``'s
-        (or None). Model and optimizer state are made by one jitted function, on the mesh."""
+        (or None). Model and optimizer state are made by one jitted function of the seed, on the
+        mesh; runs of one process with the same ``key`` (the same model, optimizer and settings
+        but the seed) share it and the compiled steps."""
         self.mesh = mesh
         self.settings = Settings(
             config.loss, bool(config.skip_nonfinite), spec.logged, compute_dtype(config),
             spec.eval_params,
         )  # fmt: skip
 
-        def build():
-            model = build_model()
+        def build(seed):
+            model = build_model(seed)
             if initialize is not None:
-                nnx.update(model, initialize(nnx.state(model, nnx.Param)))
+                nnx.update(model, initialize(nnx.state(model, nnx.Param), seed))
             return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
-        abstract = nnx.eval_shape(build)
+        abstract = nnx.eval_shape(lambda: build(0))
         self.graphdef_train, abstract_state = nnx.split(abstract)
         abstract[0].eval()
         self.graphdef_eval, _ = nnx.split(abstract)
@@ -225,9 +230,13 @@ class Trainer:
             sharding = jax.tree.map(lambda _: parallel.replicated(mesh), abstract_state)
         self.shardings = tuple(jax.tree.leaves(sharding))
         t0 = time.perf_counter()
+        init = _INITS.get(key) if key else None
+        if init is None:
+            init = jax.jit(lambda seed: nnx.split(build(seed))[1])
+            if key:
+                _INITS[key] = init
         # Computed once on one device, then placed (replicated or split) on the mesh.
-        state = jax.jit(lambda: nnx.split(build())[1])()
-        self.state = jax.device_put(state, sharding)
+        self.state = jax.device_put(init(np.uint32(config.seed)), sharding)
         jax.block_until_ready(self.state)
         self.init_time_s = time.perf_counter() - t0  # Its compilation included.
         self.compile_time_s = 0.0  # The steps' compilations, counted as they happen.

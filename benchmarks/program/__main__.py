@@ -65,11 +65,11 @@ def plain_loop_images_per_second(config: Config) -> float:
     spec = optimizers.get(config.optimizer)
     steps = task.num_train() // config.train_bs
     build = model_builder(config, task, spec.agd_init)
-    model = build()
+    model = build(config.seed)
     roles = lambda: task.roles(model)  # noqa: E731
     initialize = agd_initialization(config, task, spec.agd_init, roles)
     if initialize is not None:
-        nnx.update(model, initialize(nnx.state(model, nnx.Param)))
+        nnx.update(model, initialize(nnx.state(model, nnx.Param), config.seed))
     tx = optimizers.resolve(spec, config, steps * config.epochs, steps, roles)
     graphdef, state = nnx.split((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
 
