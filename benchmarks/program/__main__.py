@@ -32,7 +32,7 @@ from benchmarks.trainer import agd_initialization, model_builder
 
 MINIMAL = os.path.join(os.path.dirname(__file__), "minimal_digits.py")
 THROUGHPUT = Config(
-    dataset="mnist1d", arch="cnn1d", depth=4, width=64, epochs=4, checkpoint=False, progress=False
+    dataset="mnist1d", arch="cnn1d", depth=4, width=64, epochs=12, checkpoint=False, progress=False
 )
 
 
