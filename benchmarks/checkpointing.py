@@ -1,15 +1,22 @@
 """Verified checkpoints of a run's state (parameters, optimizer state, BatchNorm statistics).
 
 ``<workdir>/checkpoints/<epoch>/`` holds orbax's files for one epoch, ``epoch.json`` (that
-epoch's training metrics) and ``SHA256SUMS`` (``sha256sum -c`` reads it): a checksum of every
-other file, written last, once the checkpoint has been read back and found bit-identical to the
-state in memory. A checkpoint without it never finished saving.
+epoch's training metrics and a digest of the settings that made it) and ``SHA256SUMS``
+(``sha256sum -c`` reads it): a checksum of every other file, written last, once the checkpoint has
+been read back and found bit-identical to the state in memory. A checkpoint without it never
+finished saving. A checkpoint is intact only when it is a folder of its own (not a symbolic link)
+and its ``SHA256SUMS`` lists exactly the files it holds, each with its checksum: a missing,
+unlisted, changed or linked file makes it damaged. ``checkpoints/`` itself may be a symbolic link
+(to a bigger disk, say): it is followed.
 
 - ``save`` writes, verifies and only then rotates away older checkpoints (``keep`` are kept), so
   a damaged or unfinished save never costs the last good one. Any failure (a read-only folder, a
   full disk) raises ``CheckpointError`` with the path and the operating system's error.
 - ``restore`` takes the newest checkpoint whose checksums hold and that orbax can read, and
-  reports each newer one it had to pass over (and deletes it: its epoch is trained again).
+  reports each newer one it had to pass over (and deletes it: its epoch is trained again). With
+  no intact checkpoint at all it says so and the run starts at epoch 1: a kill at any moment of
+  a save leaves a folder that ``--resume`` continues. A checkpoint made with other settings than
+  the run's (``settings``) is refused.
 """
 
 from __future__ import annotations
@@ -56,15 +63,19 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _files(directory: str) -> list[str]:
-    """Every file under ``directory`` but SHA256SUMS, as sorted relative paths."""
-    found = []
-    for root, _, names in os.walk(directory):
-        for name in names:
-            rel = os.path.relpath(os.path.join(root, name), directory)
-            if rel != SUMS_FILE:
+def _files(directory: str) -> tuple[list[str], list[str]]:
+    """Every file under ``directory`` but SHA256SUMS, as sorted relative paths; and the symbolic
+    links among them (folders included, which are not followed)."""
+    found, links = [], []
+    for root, folders, names in os.walk(directory):
+        for name in folders + names:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, directory)
+            if os.path.islink(path):
+                links.append(rel)
+            elif name in names and rel != SUMS_FILE:
                 found.append(rel)
-    return sorted(found)
+    return sorted(found), sorted(links)
 
 
 def _bits(x: jax.Array) -> jax.Array:
@@ -97,7 +108,9 @@ class Checkpoints:
     """The checkpoints folder of one run. Every process calls ``save`` and ``restore``; only
     ``is_main`` (process 0) writes checksums, reports and deletes."""
 
-    def __init__(self, directory: str, is_main: bool = True, keep: int = 2):
+    def __init__(
+        self, directory: str, is_main: bool = True, keep: int = 2, settings: str | None = None
+    ):
         import orbax.checkpoint as ocp
 
         if keep < 1:
@@ -105,6 +118,7 @@ class Checkpoints:
         self.directory = os.path.abspath(directory)
         self.is_main = is_main
         self.keep = keep
+        self.settings = settings  # A digest of the run's settings, recorded in every checkpoint.
         self._checkpointer = ocp.StandardCheckpointer()
 
     def close(self) -> None:
@@ -114,13 +128,24 @@ class Checkpoints:
         return os.path.join(self.directory, str(epoch))
 
     def steps(self) -> list[int]:
-        """The epochs with a checkpoint folder, intact or not, in increasing order."""
+        """The epochs with a checkpoint folder, intact or not, in increasing order. Only real
+        folders count: a symbolic link in place of one is never a checkpoint (``links``)."""
         if not os.path.isdir(self.directory):
             return []
         return sorted(
             int(name)
             for name in os.listdir(self.directory)
-            if name.isdigit() and os.path.isdir(os.path.join(self.directory, name))
+            if name.isdigit() and _real_folder(os.path.join(self.directory, name))
+        )
+
+    def links(self) -> list[str]:
+        """Epoch names in ``checkpoints/`` that are symbolic links, not folders of their own."""
+        if not os.path.isdir(self.directory):
+            return []
+        return sorted(
+            name
+            for name in os.listdir(self.directory)
+            if name.isdigit() and os.path.islink(os.path.join(self.directory, name))
         )
 
     # ----------------------------------------------------------------------------------------
@@ -128,7 +153,10 @@ class Checkpoints:
 
     def write_sums(self, epoch: int) -> None:
         path = self.path(epoch)
-        lines = [f"{_sha256(os.path.join(path, rel))}  {rel}\n" for rel in _files(path)]
+        files, links = _files(path)
+        if links:
+            raise CheckpointError(f"{path} holds symbolic links: {', '.join(links)}")
+        lines = [f"{_sha256(os.path.join(path, rel))}  {rel}\n" for rel in files]
         write_atomic(os.path.join(path, SUMS_FILE), "".join(lines))
 
     def _has_sums(self, epoch: int) -> bool:
@@ -137,19 +165,29 @@ class Checkpoints:
     def damage(self, epoch: int) -> str | None:
         """None when the checkpoint of ``epoch`` is intact, else what is wrong with it."""
         path = self.path(epoch)
+        if not _real_folder(path):
+            return "not a folder of its own (a symbolic link or a file)"
         sums = os.path.join(path, SUMS_FILE)
         if not os.path.exists(sums):
             return f"no {SUMS_FILE}: its save never finished"
         try:
+            if os.path.islink(sums):
+                return f"{SUMS_FILE} is a symbolic link"
             with open(sums) as f:
                 entries = [line.rstrip("\n").split("  ", 1) for line in f if line.strip()]
             if not entries or any(len(e) != 2 for e in entries):
                 return f"{SUMS_FILE} is malformed"
-            for digest, rel in entries:
-                file = os.path.join(path, rel)
-                if not os.path.exists(file):
+            listed = {rel: digest for digest, rel in entries}
+            files, links = _files(path)
+            if links:
+                return f"it holds symbolic links ({', '.join(links)})"
+            unlisted = sorted(set(files) - set(listed))
+            if unlisted:
+                return f"{', '.join(unlisted)} not listed in {SUMS_FILE}"
+            for rel, digest in listed.items():
+                if rel not in files:
                     return f"{rel} is missing"
-                if _sha256(file) != digest:
+                if _sha256(os.path.join(path, rel)) != digest:
                     return f"{rel} does not match its checksum"
         except (OSError, ValueError) as e:
             return f"unreadable: {e}"
@@ -166,17 +204,12 @@ class Checkpoints:
         if self.is_main:  # A folder orbax cannot write to would leave its threads waiting.
             check_writable(self.directory)
         try:
-            if self.is_main and os.path.lexists(path):
-                shutil.rmtree(path)  # An unfinished save of this epoch by an earlier process.
-            self._checkpointer.save(path, leaves)
-            self._checkpointer.wait_until_finished()
-            restored = self._checkpointer.restore(path, _abstract(state))
-            same = bool(_bitwise_equal(leaves, restored))
-            del restored
-            if not same:
-                raise CheckpointError("it reads back other values than those saved")
             if self.is_main:
-                record = {"epoch": epoch} | (record or {})
+                _remove(path)  # An unfinished save of this epoch by an earlier process.
+            self._write(path, leaves)
+            self._read_back(path, leaves, state)
+            if self.is_main:
+                record = {"epoch": epoch, "settings": self.settings} | (record or {})
                 write_atomic(os.path.join(path, RECORD_FILE), json.dumps(record) + "\n")
                 self.write_sums(epoch)
         except Exception as e:
@@ -186,34 +219,59 @@ class Checkpoints:
         if self.is_main:
             self._rotate(epoch)
 
+    # The phases of a save, one method each (a kill can fall in any of them).
+
+    def _write(self, path: str, leaves: dict[str, Any]) -> None:
+        self._checkpointer.save(path, leaves)
+        self._checkpointer.wait_until_finished()
+
+    def _read_back(self, path: str, leaves: dict[str, Any], state: Any) -> None:
+        restored = self._checkpointer.restore(path, _abstract(state))
+        same = bool(_bitwise_equal(leaves, restored))
+        del restored
+        if not same:
+            raise CheckpointError("it reads back other values than those saved")
+
     def _rotate(self, newest: int) -> None:
         # Intact: verified when saved (checked again, in full, when restored).
         intact = [s for s in self.steps() if s <= newest and self._has_sums(s)]
         kept = set(intact[-self.keep :])
         for step in self.steps():
             if step < newest and step not in kept:
-                shutil.rmtree(self.path(step), ignore_errors=True)
+                _remove(self.path(step))
         for name in os.listdir(self.directory):  # Orbax's temporary folders of killed saves.
             if ".orbax-checkpoint-tmp" in name:
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
     def restore(self, state: Any) -> tuple[int, Any, dict[str, Any]] | None:
         """``(epoch, state, record)`` of the newest intact checkpoint, with ``state``'s
-        shardings; None when there is no checkpoint at all. Raises ``CheckpointError`` when
-        there are checkpoints but none is intact."""
+        shardings; None when there is no intact checkpoint (each one passed over is reported
+        and deleted). Raises ``CheckpointError`` when the newest intact checkpoint was made with
+        other settings than ``self.settings``."""
+        for name in self.links():
+            link = os.path.join(self.directory, name)
+            if self.is_main:
+                print(
+                    f"warning: {link} is a symbolic link, not a checkpoint folder of its own: "
+                    "ignored and removed (the folder it points to stays)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os.remove(link)
         steps = self.steps()
-        passed_over = []
         for epoch in reversed(steps):
             problem = self.damage(epoch)
             if problem is None:
                 try:
-                    restored = self._checkpointer.restore(self.path(epoch), _abstract(state))
                     with open(os.path.join(self.path(epoch), RECORD_FILE)) as f:
                         record = json.load(f)
+                    self._check_settings(epoch, record)
+                    restored = self._checkpointer.restore(self.path(epoch), _abstract(state))
+                except CheckpointError:
+                    raise
                 except Exception as e:
                     problem = f"it cannot be read: {e}"
             if problem is not None:
-                passed_over.append(f"{self.path(epoch)}: {problem}")
                 if self.is_main:
                     print(
                         f"warning: checkpoint {self.path(epoch)} is damaged or unfinished "
@@ -223,14 +281,39 @@ class Checkpoints:
                     )
                 continue
             if self.is_main:
-                for later in steps:
-                    if later > epoch:
-                        shutil.rmtree(self.path(later), ignore_errors=True)
+                for other in steps:  # Later ones, and earlier ones a kill left half-deleted.
+                    if other > epoch or not self._has_sums(other):
+                        _remove(self.path(other))
             leaves, treedef = jax.tree.flatten(state)
             values = [restored[str(i)] for i in range(len(leaves))]
             return epoch, jax.tree.unflatten(treedef, values), record
-        if steps:
-            raise CheckpointError(
-                "no intact checkpoint to resume from:\n  " + "\n  ".join(passed_over)
-            )
+        if steps and self.is_main:
+            for epoch in steps:  # None is intact: the run starts over, from epoch 1.
+                _remove(self.path(epoch))
         return None
+
+    def _check_settings(self, epoch: int, record: dict[str, Any]) -> None:
+        if self.settings is None or record.get("settings") == self.settings:
+            return
+        raise CheckpointError(
+            f"the checkpoint {self.path(epoch)} was made with other settings than this run's "
+            f"(settings digest {record.get('settings')} in its {RECORD_FILE}, {self.settings} "
+            "now): config.json or the flags were changed after it was saved. Resume with the "
+            "flags that made it, or start over with --overwrite."
+        )
+
+
+def _real_folder(path: str) -> bool:
+    return os.path.isdir(path) and not os.path.islink(path)
+
+
+def _remove(path: str) -> None:
+    """Deletes a checkpoint folder (a link or a file in its place: only that). Its SHA256SUMS
+    goes first, so a kill half-way leaves a checkpoint that reads as unfinished."""
+    if os.path.islink(path) or os.path.isfile(path):
+        os.remove(path)
+    elif os.path.isdir(path):
+        sums = os.path.join(path, SUMS_FILE)
+        if os.path.lexists(sums):
+            os.remove(sums)
+        shutil.rmtree(path, ignore_errors=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import typing
@@ -289,6 +290,12 @@ class Config:
             {k: v for k, v in values.items() if k not in INERT_FIELDS and k not in but},
             sort_keys=True,
         )
+
+    def settings_digest(self, epochs_matter: bool = True) -> str:
+        """SHA-256 of ``computation_key``: what a checkpoint records of the settings that made
+        it (``epochs`` left out unless ``epochs_matter``: a schedule spans the epochs)."""
+        key = self.computation_key() if epochs_matter else self.computation_key("epochs")
+        return hashlib.sha256(key.encode()).hexdigest()
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

@@ -87,9 +87,21 @@ def train_and_evaluate(config: Config, workdir: str | None = None, mesh=None) ->
             folder.start_run(workdir, config)
         checkpoints = None
         if config.checkpoint:
-            checkpoints = Checkpoints(os.path.join(workdir, folder.CHECKPOINT_DIR), is_main)
+            settings = config.settings_digest(spec.epochs_matter(config))
+            directory = os.path.join(workdir, folder.CHECKPOINT_DIR)
+            checkpoints = Checkpoints(directory, is_main, settings=settings)
         try:
             first_epoch, rows = _resume_or_start(config, workdir, task, trainer, checkpoints)
+            kept = folder.read_summary(workdir) if first_epoch > config.epochs else None
+            if kept is not None:  # A finished run resumed: nothing to train, nothing rewritten.
+                if is_main:
+                    print(
+                        f"the run in {workdir} has finished its {config.epochs} epochs: nothing "
+                        f"to train; {folder.SUMMARY_FILE} is kept as it was",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                return kept | {"params": trainer.params()}
             clock = _Clock(t_start)
             for epoch in range(first_epoch, config.epochs + 1):
                 train = _train_epoch(config, task, trainer, epoch, steps_per_epoch, clock)
@@ -118,10 +130,17 @@ def train_and_evaluate(config: Config, workdir: str | None = None, mesh=None) ->
         }
         final.update(task.summary(final))
         if is_main and rows:
-            task.finish(workdir, trainer.model())
+            try:
+                task.finish(workdir, trainer.model())
+            except OSError as e:
+                raise RunFolderError(f"could not write the samples in {workdir}: {e}") from e
             folder.write_summary(workdir, final)
             title = f"{config.optimizer} {config.arch} {config.dataset}"
-            plot_curves(os.path.join(workdir, folder.PLOT_FILE), rows, title)
+            plot = os.path.join(workdir, folder.PLOT_FILE)
+            try:
+                plot_curves(plot, rows, title)
+            except OSError as e:
+                raise RunFolderError(f"could not write {plot}: {e}") from e
         final["params"] = trainer.params()
         return final
     finally:
@@ -185,10 +204,16 @@ def _resume_or_start(config, workdir, task, trainer, checkpoints) -> tuple[int, 
     if restored is None:
         if is_main:
             if config.resume:
-                print(f"no checkpoint in {workdir}: starting at epoch 1", file=sys.stderr)
+                print(
+                    f"no intact checkpoint in {os.path.join(workdir, folder.CHECKPOINT_DIR)}: "
+                    "starting at epoch 1",
+                    file=sys.stderr,
+                    flush=True,
+                )
             folder.write_metrics(workdir, [])
         return 1, []
     last, trainer.state, record = restored
+    record = {k: v for k, v in record.items() if k != "settings"}
     rows = [r for r in folder.read_metrics(workdir) if r["epoch"] <= last]
     if not any(r["epoch"] == last for r in rows):  # Checkpointed, then stopped before its row.
         rows.append(_row(last, record, trainer.evaluate(task)))

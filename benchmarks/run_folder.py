@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 from typing import Any
 
 from benchmarks.config import INERT_FIELDS, Config, flag_name
@@ -56,20 +57,32 @@ def write_atomic(path: str, text: str) -> None:
     """Replaces ``path`` with ``text`` in one step: readers see the old file or the new one."""
     directory, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(directory, f".{name}.tmp{os.getpid()}")
+    if os.path.islink(tmp):
+        os.remove(tmp)  # Never written through: a link there is a left-over or a trap.
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+        with open(os.open(tmp, flags, 0o644), "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.remove(tmp)
         raise
 
 
+def write_run_file(path: str, text: str) -> None:
+    """``write_atomic`` for a run's own files: a failure (a full disk, a file-size limit) is a
+    ``RunFolderError`` naming the file."""
+    try:
+        write_atomic(path, text)
+    except OSError as e:
+        raise RunFolderError(f"could not write {os.path.abspath(path)}: {e}") from e
+
+
 def save_config(workdir: str, config: Config) -> None:
-    write_atomic(os.path.join(workdir, CONFIG_FILE), config.to_json() + "\n")
+    write_run_file(os.path.join(workdir, CONFIG_FILE), config.to_json() + "\n")
 
 
 def read_config(workdir: str) -> dict[str, Any] | None:
@@ -105,11 +118,38 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
 
 def write_metrics(workdir: str, rows: list[dict[str, Any]]) -> None:
     text = "".join(json.dumps(row) + "\n" for row in rows)
-    write_atomic(os.path.join(workdir, METRICS_FILE), text)
+    write_run_file(os.path.join(workdir, METRICS_FILE), text)
 
 
 def write_summary(workdir: str, summary: dict[str, Any]) -> None:
-    write_atomic(os.path.join(workdir, SUMMARY_FILE), json.dumps(summary, indent=2) + "\n")
+    write_run_file(os.path.join(workdir, SUMMARY_FILE), json.dumps(summary, indent=2) + "\n")
+
+
+def read_summary(workdir: str) -> dict[str, Any] | None:
+    path = os.path.join(workdir, SUMMARY_FILE)
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def finished_epochs(workdir: str) -> int:
+    """The newest epoch with a finished checkpoint (0 when none): what --resume starts after."""
+    directory = os.path.join(workdir, CHECKPOINT_DIR)
+    if not os.path.isdir(directory):
+        return 0
+    return max(
+        (
+            int(name)
+            for name in os.listdir(directory)
+            if name.isdigit()
+            and not os.path.islink(os.path.join(directory, name))
+            and os.path.isfile(os.path.join(directory, name, "SHA256SUMS"))
+        ),
+        default=0,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -125,7 +165,19 @@ class RunLock:
 
     def __init__(self, workdir: str):
         self.path = os.path.join(workdir, LOCK_FILE)
-        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # Never through a symbolic link: the pid line would land in the file it names.
+            self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if os.path.islink(self.path):
+                raise RunFolderError(
+                    f"{self.path} is a symbolic link (to {os.readlink(self.path)}): the run "
+                    "refuses to write its lock through it. Remove the link and start again."
+                ) from None
+            raise RunFolderError(f"cannot open the lock file {self.path}: {e}") from e
+        if not stat.S_ISREG(os.fstat(self._fd).st_mode):
+            os.close(self._fd)
+            self._fd = None
+            raise RunFolderError(f"{self.path} is not a regular file: remove it and start again")
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -221,6 +273,13 @@ def check_run_folder(workdir: str, config: Config, epochs_matter: bool) -> None:
                 "flags as a new run, choose another --workdir, or pass --overwrite instead of "
                 "--resume to delete that run and start over."
             )
+        done = finished_epochs(workdir)
+        if config.epochs < done:
+            raise RunFolderError(
+                f"cannot resume the run in {workdir} with --epochs {config.epochs}: it has "
+                f"trained {done} epochs already ({CHECKPOINT_DIR}/{done}). Give --epochs {done} "
+                "or more, or start over with --overwrite."
+            )
     elif found and not config.overwrite:
         raise RunFolderError(
             f"{workdir} holds another run ({', '.join(found)}). Pass --resume to continue it, "
@@ -229,10 +288,19 @@ def check_run_folder(workdir: str, config: Config, epochs_matter: bool) -> None:
 
 
 def clear_run(workdir: str) -> None:
-    """Deletes the run files of ``workdir`` (``--overwrite``); other files stay."""
+    """Deletes the run files of ``workdir`` (``--overwrite``); other files stay. A
+    ``checkpoints/`` that is a symbolic link to a folder (on a bigger disk, say) stays a link:
+    the contents of the folder it points to are deleted instead."""
     for name in RUN_FILES:
         path = os.path.join(workdir, name)
-        if os.path.isdir(path) and not os.path.islink(path):
+        if name == CHECKPOINT_DIR and os.path.islink(path) and os.path.isdir(path):
+            for entry in os.listdir(path):
+                inner = os.path.join(path, entry)
+                if os.path.isdir(inner) and not os.path.islink(inner):
+                    shutil.rmtree(inner)
+                else:
+                    os.remove(inner)
+        elif os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)
         elif os.path.lexists(path):
             os.remove(path)

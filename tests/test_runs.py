@@ -204,7 +204,7 @@ def test_checkpoints_are_verified_and_rotated_after_the_newer_one(tmp_path):
     sums = (tmp_path / "checkpoints" / "3" / SUMS_FILE).read_text()
     assert "epoch.json" in sums and len(sums.splitlines()) > 3
     epoch, state, record = ckpt.restore(_state(0.0))
-    assert epoch == 3 and record == {"epoch": 3, "train_loss": 1.0 / 3}
+    assert epoch == 3 and record == {"epoch": 3, "settings": None, "train_loss": 1.0 / 3}
     np.testing.assert_array_equal(state["w"], _state(3.0)["w"])
     ckpt.close()
 
@@ -225,14 +225,18 @@ def test_a_damaged_newest_checkpoint_is_reported_and_the_one_before_used(tmp_pat
     ckpt.close()
 
 
-def test_no_intact_checkpoint_is_an_error_listing_each(tmp_path):
+def test_no_intact_checkpoint_reports_each_and_starts_over(tmp_path, capsys):
     ckpt = Checkpoints(str(tmp_path / "checkpoints"), keep=2)
     ckpt.save(1, _state(1.0))
     ckpt.save(2, _state(2.0))
     _damage(ckpt.path(1), "flip")
     _damage(ckpt.path(2), "empty")
-    with pytest.raises(CheckpointError, match=r"no intact checkpoint(.|\n)*/2: (.|\n)*/1: "):
-        ckpt.restore(_state(0.0))
+    assert ckpt.restore(_state(0.0)) is None  # The run starts at epoch 1, as a new one would.
+    err = capsys.readouterr().err
+    assert f"{ckpt.path(2)} is damaged" in err and f"{ckpt.path(1)} is damaged" in err
+    assert ckpt.steps() == []
+    ckpt.save(1, _state(1.0))  # And saves again.
+    assert ckpt.damage(1) is None
     ckpt.close()
 
 
@@ -255,7 +259,8 @@ def test_checkpoints_compare_bits_so_nan_survives(tmp_path):
     _, restored, _ = ckpt.restore(state)
     assert np.isnan(restored["w"][0]) and np.signbit(restored["w"][2])
     ckpt.close()
-    assert json.loads((tmp_path / "checkpoints" / "1" / "epoch.json").read_text()) == {"epoch": 1}
+    record = json.loads((tmp_path / "checkpoints" / "1" / "epoch.json").read_text())
+    assert record == {"epoch": 1, "settings": None}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -309,3 +314,121 @@ def test_depth_of_a_fixed_depth_arch_is_none_or_its_own():
     assert train.parse_args(["--arch", "fcn", "--depth", "5"]).depth == 5
     with pytest.raises(ValueError, match="--depth: arch 'resnet50' has a fixed depth"):
         Config(arch="resnet50", depth=3).validate()
+
+
+# --------------------------------------------------------------------------------------------------
+# No spoofing: what a checkpoint is, and what it was made with.
+
+
+def test_a_symlink_in_place_of_an_epoch_folder_is_never_a_checkpoint(tmp_path, capsys):
+    ckpt = Checkpoints(str(tmp_path / "checkpoints"), keep=2)
+    ckpt.save(2, _state(2.0))
+    os.symlink("2", ckpt.path(3))  # checkpoints/3 -> 2: epoch 2's weights posing as epoch 3.
+    assert ckpt.steps() == [2] and ckpt.damage(3) is not None
+    epoch, state, _ = ckpt.restore(_state(0.0))
+    assert epoch == 2
+    np.testing.assert_array_equal(state["w"], _state(2.0)["w"])
+    assert "checkpoints/3 is a symbolic link" in capsys.readouterr().err
+    assert not os.path.lexists(ckpt.path(3)) and ckpt.damage(2) is None  # Only the link went.
+    ckpt.save(3, _state(3.0))
+    ckpt.save(4, _state(4.0))  # Rotation deletes real folders only.
+    assert ckpt.steps() == [3, 4] and not os.path.islink(ckpt.path(3))
+    ckpt.close()
+
+
+@pytest.mark.parametrize("how", ["unlisted", "stray", "link", "unlisted_link"])
+def test_sums_must_list_exactly_the_files_of_the_checkpoint(tmp_path, capsys, how):
+    ckpt = Checkpoints(str(tmp_path / "checkpoints"), keep=2)
+    ckpt.save(1, _state(1.0))
+    ckpt.save(2, _state(2.0))
+    path = ckpt.path(2)
+    sums = os.path.join(path, SUMS_FILE)
+    data = os.path.relpath(_data_file(path), path)
+    if how == "unlisted":  # Damaged, and taken out of SHA256SUMS to hide it.
+        _damage(path, "flip")
+        lines = open(sums).read().splitlines(keepends=True)
+        open(sums, "w").writelines(line for line in lines if not line.endswith(f"  {data}\n"))
+    elif how == "stray":
+        open(os.path.join(path, "extra.bin"), "wb").write(b"\0" * 16)
+    elif how == "link":  # A listed file replaced by a link to a file with the same bytes.
+        os.replace(os.path.join(path, data), tmp_path / "elsewhere")
+        os.symlink(tmp_path / "elsewhere", os.path.join(path, data))
+    else:
+        os.symlink(ckpt.path(1), os.path.join(path, "more"))
+    problem = ckpt.damage(2)
+    assert problem is not None and ("not listed" in problem or "symbolic link" in problem)
+    epoch, state, _ = ckpt.restore(_state(0.0))
+    assert epoch == 1  # The newest intact one.
+    np.testing.assert_array_equal(state["w"], _state(1.0)["w"])
+    assert f"checkpoint {path} is damaged" in capsys.readouterr().err
+    ckpt.close()
+
+
+def test_a_checkpoint_made_with_other_settings_is_refused(tmp_path):
+    made = Config(seed=0).settings_digest()
+    ckpt = Checkpoints(str(tmp_path / "checkpoints"), settings=made)
+    ckpt.save(1, _state(1.0))
+    ckpt.close()
+    assert Config(seed=0, workdir="elsewhere", test_bs=7).settings_digest() == made  # Inert.
+    assert Config(epochs=3).settings_digest(False) == Config(epochs=9).settings_digest(False)
+    assert Config(epochs=3).settings_digest(True) != Config(epochs=9).settings_digest(True)
+    edited = Checkpoints(str(tmp_path / "checkpoints"), settings=Config(seed=1).settings_digest())
+    with pytest.raises(CheckpointError, match=r"checkpoints/1 was made with other settings"):
+        edited.restore(_state(0.0))
+    edited.close()
+    same = Checkpoints(str(tmp_path / "checkpoints"), settings=made)
+    assert same.restore(_state(0.0))[0] == 1
+    same.close()
+
+
+def test_the_lock_is_never_written_through_a_symlink(tmp_path):
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me\n")
+    os.symlink(target, tmp_path / ".lock")
+    with pytest.raises(RunFolderError, match=r"\.lock is a symbolic link .*refuses"):
+        RunLock(str(tmp_path))
+    assert target.read_text() == "keep me\n"
+
+
+def test_a_symlinked_checkpoints_folder_is_followed_and_kept(tmp_path):
+    disk = tmp_path / "bigger_disk"
+    disk.mkdir()
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    os.symlink(disk, workdir / "checkpoints")
+    ckpt = Checkpoints(str(workdir / "checkpoints"))
+    ckpt.save(1, _state(1.0))
+    assert ckpt.restore(_state(0.0))[0] == 1 and os.listdir(disk) == ["1"]
+    ckpt.close()
+    run_folder.save_config(str(workdir), Config(workdir=str(workdir)))
+    run_folder.clear_run(str(workdir))  # A new run (--overwrite) clears the folder, keeps the link.
+    assert os.path.islink(workdir / "checkpoints") and os.listdir(disk) == []
+    assert os.listdir(workdir) == ["checkpoints"]
+
+
+def test_resume_refuses_fewer_epochs_than_it_has_trained(tmp_path):
+    workdir = _saved_run(tmp_path, epochs=4)
+    os.makedirs(os.path.join(workdir, "checkpoints", "4"))
+    open(os.path.join(workdir, "checkpoints", "4", SUMS_FILE), "w").close()
+    with pytest.raises(
+        RunFolderError, match=r"with --epochs 2: it has trained 4 epochs already .*--epochs 4"
+    ):
+        _check(workdir, Config(workdir=workdir, resume=True, epochs=2))
+    _check(workdir, Config(workdir=workdir, resume=True, epochs=4))
+    _check(workdir, Config(workdir=workdir, resume=True, epochs=6))  # AGD: a run can be extended.
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "summary.json", "config.json"])
+def test_a_failed_write_of_a_run_file_names_the_file(tmp_path, monkeypatch, name):
+    def too_large(*args, **kwargs):
+        raise OSError(27, "File too large")
+
+    monkeypatch.setattr(os, "fsync", too_large)
+    write = {
+        "metrics.jsonl": lambda: run_folder.write_metrics(str(tmp_path), [{"epoch": 1}]),
+        "summary.json": lambda: run_folder.write_summary(str(tmp_path), {"test_loss": 1.0}),
+        "config.json": lambda: run_folder.save_config(str(tmp_path), Config()),
+    }[name]
+    with pytest.raises(RunFolderError, match=rf"could not write {tmp_path / name}: .*too large"):
+        write()
+    assert os.listdir(tmp_path) == []

@@ -93,6 +93,81 @@ def test_second_process_refused_then_kill_9_and_resume_is_exact(tmp_path, refere
     assert _rows(workdir)[-1]["test_loss"] == _rows(ref_dir)[-1]["test_loss"]
 
 
+# A kill (SIGKILL) inside each phase of a save of epoch EPOCH, set up before ``benchmarks.train``
+# runs in the process; the saves of the other epochs run as usual.
+KILL = "os.kill(os.getpid(), signal.SIGKILL)"
+KILL_IN = {
+    # Orbax has started writing the epoch and is still at it.
+    "write": f"""
+write = C._write
+def _write(self, path, leaves):
+    if path.endswith(os.sep + str(EPOCH)):
+        self._checkpointer.save(path, leaves)
+        {KILL}
+    write(self, path, leaves)
+C._write = _write
+""",
+    # The epoch's folder is whole; its read-back has not finished, it has no SHA256SUMS.
+    "read-back": f"""
+read_back = C._read_back
+def _read_back(self, path, leaves, state):
+    if path.endswith(os.sep + str(EPOCH)):
+        {KILL}
+    read_back(self, path, leaves, state)
+C._read_back = _read_back
+""",
+    # SHA256SUMS listing half the files: worse than the kill can leave (it is renamed in whole).
+    "checksum": f"""
+write_sums = C.write_sums
+def _write_sums(self, epoch):
+    if epoch == EPOCH:
+        folder = self.path(epoch)
+        files, _ = checkpointing._files(folder)
+        with open(os.path.join(folder, checkpointing.SUMS_FILE), "w") as f:
+            for rel in files[: len(files) // 2]:
+                f.write(checkpointing._sha256(os.path.join(folder, rel)) + "  " + rel + chr(10))
+        {KILL}
+    write_sums(self, epoch)
+C.write_sums = _write_sums
+""",
+    # Rotating away the oldest checkpoint: it is half-deleted (its SHA256SUMS and a file gone).
+    "rotation": f"""
+def _remove(path):
+    if os.path.isdir(path):
+        os.remove(os.path.join(path, checkpointing.SUMS_FILE))
+        os.remove(os.path.join(path, checkpointing.RECORD_FILE))
+        {KILL}
+checkpointing._remove = _remove
+""",
+}
+
+
+def test_a_kill_in_any_phase_of_a_save_resumes_to_the_same_run(tmp_path, reference):
+    """Killed while saving epoch 1 (writing, reading back: no intact checkpoint at all), epoch 2
+    (writing its checksums) or epoch 3 (rotating epoch 1 away), each run resumes and ends with
+    the weights and metrics of the uninterrupted run."""
+    cases = {"write": 1, "read-back": 1, "checksum": 2, "rotation": 3}
+    runs = {}
+    for phase, epoch in cases.items():
+        prelude = (
+            "import os, signal\nfrom benchmarks import checkpointing\n"
+            f"C = checkpointing.Checkpoints\nEPOCH = {epoch}\n{KILL_IN[phase]}"
+        )
+        runs[phase] = _cli(["--epochs", "3", "--workdir", str(tmp_path / phase)], prelude)
+    for phase, run in runs.items():  # All four at once: their start-up overlaps.
+        out = run.communicate(timeout=300)[0]
+        assert run.returncode == -signal.SIGKILL, (phase, out)
+    ref_dir, ref = reference
+    for phase, epoch in cases.items():
+        workdir = tmp_path / phase
+        assert [r["epoch"] for r in _rows(workdir)] == list(range(1, epoch)), phase
+        resumed = train_and_evaluate(_config(workdir, resume=True))
+        _same_params(ref["params"], resumed["params"])
+        for key in ("epoch", "train_loss", "test_loss", "eta"):
+            assert [r[key] for r in _rows(workdir)] == [r[key] for r in _rows(ref_dir)], phase
+        assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "3"], phase
+
+
 def test_config_json_is_written_only_for_an_accepted_run(tmp_path, reference):
     ref_dir, _ = reference
     saved = (ref_dir / "config.json").read_bytes()
@@ -204,3 +279,40 @@ def test_an_unwritable_checkpoint_folder_fails_before_training(tmp_path, capsys)
     out = capsys.readouterr()
     assert f"error: cannot write checkpoints in {workdir / 'checkpoints'}" in out.err
     assert "epoch   1" not in out.out
+
+
+def test_resuming_a_finished_run_keeps_it_as_it_was(tmp_path, reference, capsys):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference[0], workdir)
+    summary = (workdir / "summary.json").read_bytes()
+    args = [*CLI_TINY, "--workdir", str(workdir), "--resume"]
+    assert train.main([*args, "--epochs", "2"]) == 1  # Fewer epochs than it has trained.
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot resume the run") and "has trained 3 epochs" in err
+    assert json.loads((workdir / "config.json").read_text())["epochs"] == 3
+    assert train.main([*args, "--epochs", "3"]) == 0  # Nothing to train: nothing rewritten.
+    out = capsys.readouterr()
+    assert "nothing to train; summary.json is kept as it was" in out.err
+    assert "test accuracy" in out.out
+    assert (workdir / "summary.json").read_bytes() == summary
+    _same_params(
+        reference[1]["params"], train_and_evaluate(_config(workdir, resume=True))["params"]
+    )
+
+
+def test_a_failed_metrics_write_is_a_one_line_error_naming_the_file(tmp_path, monkeypatch, capsys):
+    from benchmarks import run_folder
+
+    write = run_folder.write_atomic
+
+    def limited(path, text):
+        if path.endswith("metrics.jsonl") and text:
+            raise OSError(27, "File too large")
+        write(path, text)
+
+    monkeypatch.setattr(run_folder, "write_atomic", limited)
+    workdir = tmp_path / "run"
+    assert train.main([*CLI_TINY, "--epochs", "1", "--workdir", str(workdir)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: could not write {workdir / 'metrics.jsonl'}: [Errno 27] File too large" in err
+    assert "Traceback" not in err
