@@ -402,8 +402,8 @@ def hypergradient(
 def _check_tower_args(height: Any, steps: Mapping[str, Any]) -> None:
     if not isinstance(height, int) or isinstance(height, bool) or height < 0:
         raise ValueError(
-            f"hypergradient_tower: height must be an integer >= 0 (a Python int: it fixes the "
-            f"tower's structure), got {height!r}. Under optax.inject_hyperparams, pass "
+            f"hypergradient_tower: height must be a Python int >= 0 (it fixes the tower's "
+            f"structure), got {height!r}. Under optax.inject_hyperparams, pass "
             "static_args=('base', 'height')"
         )
     for name, step in steps.items():
