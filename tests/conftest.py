@@ -1,6 +1,7 @@
 """Test settings: 8 fake CPU devices for the sharding tests, and strict numerics."""
 
 import os
+import shutil
 import tempfile
 
 # Must be set before JAX initialises its backends; the subprocesses and notebook kernels the tests
@@ -15,7 +16,10 @@ os.environ.setdefault(
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The training program's cache folder (generated datasets, compiled programs): one per test
 # session, shared by its workers and subprocesses, never the user's.
-os.environ.setdefault("AGD_OPTAX_CACHE", tempfile.mkdtemp(prefix="agd_optax_test_cache_"))
+if "AGD_OPTAX_CACHE" not in os.environ:
+    os.environ["AGD_OPTAX_CACHE"] = _SESSION_CACHE = tempfile.mkdtemp(prefix="agd_optax_test_")
+else:
+    _SESSION_CACHE = None
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -44,6 +48,12 @@ HEAVY_FIRST = (
     "tests/test_overhead.py",
     "tests/test_stacking.py",
 )
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The session's cache folder goes with it (made by the controller, shared by the workers)."""
+    if _SESSION_CACHE is not None and not hasattr(session.config, "workerinput"):
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
