@@ -5,6 +5,7 @@ import hashlib
 import io
 import pickle
 import random
+import shutil
 import struct
 import tarfile
 from pathlib import Path
@@ -263,6 +264,17 @@ def test_mnist_malformed(tmp_path):
         load_dataset("mnist", tmp_path)
 
 
+@pytest.mark.parametrize("shape, message", [((0, 28, 28), "holds no images"), ((4, 0, 0), "0x0")])
+def test_mnist_empty_or_degenerate_images_are_refused_naming_the_file(tmp_path, shape, message):
+    write_mnist(tmp_path, gz=False)
+    path = tmp_path / "t10k-images-idx3-ubyte"
+    path.write_bytes(idx_bytes(np.zeros(shape, np.uint8)))
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(shape[0], np.uint8)))
+    with pytest.raises(ValueError, match=message) as err:
+        load_dataset("mnist", tmp_path)
+    assert str(path) in str(err.value)
+
+
 def test_mnist_truncated_gzip(tmp_path):
     write_mnist(tmp_path, gz=True)
     path = tmp_path / "t10k-images-idx3-ubyte.gz"
@@ -386,6 +398,20 @@ def test_cifar_missing_and_malformed(tmp_path):
     (folder / "test_batch").unlink()
     (folder / "data_batch_3").unlink()
     with pytest.raises(FileNotFoundError, match="data_batch_3"):
+        load_dataset("cifar10", tmp_path)
+
+
+@pytest.mark.parametrize("tarball", [False, True])
+def test_cifar_empty_test_batch_is_refused_naming_it(tmp_path, tarball):
+    write_cifar(tmp_path, "cifar10", tarball=False)
+    folder = tmp_path / "cifar-10-batches-py"
+    empty = {b"data": np.zeros((0, 3072), np.uint8), b"labels": []}
+    (folder / "test_batch").write_bytes(pickle.dumps(empty, protocol=2))
+    if tarball:
+        with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
+            tar.add(folder, arcname="cifar-10-batches-py")
+        shutil.rmtree(folder)
+    with pytest.raises(ValueError, match=r"test_batch: holds no images"):
         load_dataset("cifar10", tmp_path)
 
 

@@ -1,6 +1,7 @@
 """Leaf roles: inference from Flax names, explicit roles, nnx_roles, and the errors."""
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -226,3 +227,22 @@ def test_plain_dict_roles_fit_an_nnx_state():
     roles["layers"][0]["bias"] = "bias"
     with pytest.raises(RoleError, match=r"'layers/0/bias'.*does not fit.*'layers/0/kernel'"):
         agd_optax.resolve_layouts(state, roles)
+
+
+def test_a_bias_whose_weight_has_a_zero_gradient_does_not_move_as_documented():
+    """AGD's bias rule scales the bias's gradient by its weight's, 0 when that is 0: with inputs
+    all zero the kernel's gradient is exactly zero and the bias stays, though its own gradient
+    is not zero. docs/roles.md says so."""
+    params = {"dense": {"kernel": jnp.full((4, 3), 0.1), "bias": jnp.zeros(3)}}
+    x, y = jnp.zeros((8, 4)), jnp.ones((8, 3))
+    grads = jax.grad(lambda p: jnp.mean((x @ p["dense"]["kernel"] + p["dense"]["bias"] - y) ** 2))(
+        params
+    )
+    assert float(jnp.abs(grads["dense"]["bias"]).min()) > 0
+    np.testing.assert_array_equal(grads["dense"]["kernel"], 0.0)
+    tx = agd_optax.agd()
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_array_equal(updates["dense"]["bias"], 0.0)
+    roles_page = os.path.join(os.path.dirname(__file__), "..", "docs", "roles.md")
+    text = " ".join(open(roles_page).read().split())
+    assert "a bias whose weight's gradient is exactly zero" in text and "never moves" in text

@@ -34,6 +34,10 @@ class Dataset:
             ("train", self.train_x, self.train_y),
             ("test", self.test_x, self.test_y),
         ):
+            if x.shape[0] == 0:
+                raise ValueError(f"{split}: no examples")
+            if 0 in tuple(self.input_shape):
+                raise ValueError(f"{split}: inputs of shape {tuple(self.input_shape)} hold nothing")
             if x.shape[0] != y.shape[0]:
                 raise ValueError(f"{split}: {x.shape[0]} inputs but {y.shape[0]} labels")
             if tuple(x.shape[1:]) != tuple(self.input_shape):

@@ -82,6 +82,8 @@ def _parse_batch(data: bytes, source: str, spec: _CifarSpec) -> tuple[np.ndarray
         raise ValueError(
             f"{source}: expected uint8 data of shape (N, 3072), got {x.dtype} {x.shape}"
         )
+    if x.shape[0] == 0:
+        raise ValueError(f"{source}: holds no images (a CIFAR batch has at least one)")
     if y.shape != (x.shape[0],):
         raise ValueError(f"{source}: {x.shape[0]} images but labels of shape {y.shape}")
     if y.size and (y.min() < 0 or y.max() >= spec.num_classes):

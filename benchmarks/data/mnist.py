@@ -109,6 +109,12 @@ def _load_split(directory: Path, images_name: str, labels_name: str) -> tuple:
         raise ValueError(
             f"{paths[0]}: expected uint8 images (N, H, W), got {images.dtype} {images.shape}"
         )
+    if images.shape[0] == 0:
+        raise ValueError(f"{paths[0]}: holds no images")
+    if 0 in images.shape[1:]:
+        raise ValueError(
+            f"{paths[0]}: images of {images.shape[1]}x{images.shape[2]} pixels (at least 1x1)"
+        )
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
         raise ValueError(
             f"{paths[1]}: expected {images.shape[0]} labels to match {paths[0]}, "
