@@ -235,9 +235,9 @@ def test_a_bias_whose_weight_has_a_zero_gradient_does_not_move_as_documented():
     is not zero. docs/roles.md says so."""
     params = {"dense": {"kernel": jnp.full((4, 3), 0.1), "bias": jnp.zeros(3)}}
     x, y = jnp.zeros((8, 4)), jnp.ones((8, 3))
-    grads = jax.grad(lambda p: jnp.mean((x @ p["dense"]["kernel"] + p["dense"]["bias"] - y) ** 2))(
-        params
-    )
+    grads = jax.grad(
+        lambda p: jnp.mean((x @ p["dense"]["kernel"] + p["dense"]["bias"][None] - y) ** 2)
+    )(params)
     assert float(jnp.abs(grads["dense"]["bias"]).min()) > 0
     np.testing.assert_array_equal(grads["dense"]["kernel"], 0.0)
     tx = agd_optax.agd()
