@@ -1,4 +1,33 @@
-"""agd_optax: Automatic Gradient Descent for JAX, as an optax gradient transformation."""
+"""agd_optax: Automatic Gradient Descent for JAX, as an optax gradient transformation.
+
+Module map (each module imports only those above it in its group, and no module imports one
+that imports it back):
+
+Leaves and their roles
+  ``_paths``         leaf paths and shapes as messages name them (``path_to_str``, ``leaf_shape``)
+  ``_roles``         :class:`Role` and its constructors (``dense``, ``conv``, ...), ``RoleError``
+  ``_naming``        roles inferred from Flax's parameter names (``infer_roles``)
+  ``_layouts``       :class:`Layout`: what the step needs of each leaf; ``resolve_layouts``
+  ``_flax``          roles read off NNX modules (``nnx_roles``); the only module importing flax
+  ``_pytorch``       roles of a PyTorch-layout tree (``pytorch_roles``)
+  ``_jaxpr_ops``, ``_jaxpr_walk``, ``_trace``
+                     roles read off the computation (``trace_roles``) by walking its jaxpr
+
+The step
+  ``_checks``        what AGD refuses: bad gains, updates that do not fit the parameters
+  ``_sharding``      ``param_specs``: each leaf's mesh axes and global shape inside ``shard_map``
+  ``_plan``          the static plan of a tree's step: per-leaf facts and same-shape groups
+  ``_floats``        exact powers of two, exponents, kept-axis sums, eta of G
+  ``_rescale``       the guard's slow path: norms of gradients rescaled by powers of two
+  ``_step``          the step kernel every AGD transformation calls: prologue (``prepare``),
+                     norms and guard (``measure``), ``step_size``, ``normalise``, ``agd_step``
+
+The optimizers
+  ``_agd``           ``scale_by_agd``, ``agd`` and their state
+  ``_agd_momentum``  ``scale_by_agd_momentum``, ``agd_momentum``: the step along an average
+  ``_hypergradient`` gains learned by hypergradient descent (``hypergradient``, its tower)
+  ``_initializers``  AGD's orthogonal initialisation (``dense_init``, ``conv_init``, ...)
+"""
 
 from agd_optax._agd import AGDState, agd, scale_by_agd
 from agd_optax._agd_momentum import AGDMomentumState, agd_momentum, scale_by_agd_momentum

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from agd_optax._agd import (
-    _accumulation_dtype,
-    _agd_updates,
-    _global_shapes,
-    _mesh_axes_per_leaf,
-)
-from agd_optax._checks import check_gain, check_same_structure
-from agd_optax._layouts import resolve_layouts
+from agd_optax._checks import check_gain
+from agd_optax._plan import Plan
+from agd_optax._step import check_init, measure, normalise, prepare
 
 __all__ = ["AGDMomentumState", "agd_momentum", "scale_by_agd_momentum"]
 
@@ -38,6 +34,19 @@ class AGDMomentumState(NamedTuple):
     eta: jax.Array  # shape=(), float32 (float64 for float64 params): the last step, before gain.
     G: jax.Array  # shape=(), same dtype as eta: the last gradient's G = (1/L) sum_k s(W_k) N_k.
     momentum: Any  # Same tree, shapes and dtypes as the parameters: the running average m.
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "acc"))
+def _momentum_step(grads, momentum, decay, plan: Plan, acc):
+    """(updates without gain, the new average, eta, G): eta and G from the gradient's norms,
+    each leaf's direction from the average's."""
+    average = [
+        (decay[0] * m.astype(acc) + decay[1] * g.astype(acc)).astype(m.dtype)
+        for m, g in zip(momentum, grads)
+    ]
+    step = measure(grads, plan, acc)  # Only its eta and G are used: XLA drops the rest.
+    updates = normalise(average, measure(average, plan, acc), step.eta, plan, acc)
+    return updates, average, step.eta, step.G
 
 
 def scale_by_agd_momentum(
@@ -104,15 +113,8 @@ def scale_by_agd_momentum(
     if isinstance(momentum, int | float) and not 0.0 <= momentum < 1.0:
         raise ValueError(f"agd_momentum: momentum must be in [0, 1), got {momentum!r}")
 
-    def roles_for(tree: Any) -> Any:
-        return roles(tree) if callable(roles) else roles
-
     def init_fn(params):
-        # Fail at init, naming the leaf, not later. A tree with no leaves (the placeholder
-        # optax.tree.map_params initialises with) has nothing to check; update refuses it.
-        if jax.tree.leaves(params):
-            resolve_layouts(params, roles_for(params))
-        acc = _accumulation_dtype(params)
+        acc = check_init(params, roles)
         return AGDMomentumState(
             count=jnp.zeros([], jnp.int32),
             eta=jnp.zeros([], acc),
@@ -122,33 +124,18 @@ def scale_by_agd_momentum(
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
-        if params is not None:
-            check_same_structure(updates, params)
-        mesh_axes = None if param_specs is None else _mesh_axes_per_leaf(updates, param_specs)
-        shapes = updates if mesh_axes is None else _global_shapes(updates, mesh_axes)
-        layouts = resolve_layouts(shapes, roles_for(shapes if params is None else params))
-        acc = jnp.result_type(state.eta.dtype, _accumulation_dtype(updates))
-        grads, treedef = jax.tree.flatten(updates)
-        average = [
-            (momentum * m.astype(acc) + (1.0 - momentum) * g.astype(acc)).astype(m.dtype)
-            for m, g in zip(treedef.flatten_up_to(state.momentum), grads)
-        ]
-        # eta and G from the gradient (its per-leaf updates are not used, so XLA drops them);
-        # the direction, with its own eta_m, from the average, then rescaled from eta_m to eta.
-        _, eta, G = _agd_updates(grads, layouts, acc, mesh_axes)
-        directions, eta_m, _ = _agd_updates(average, layouts, acc, mesh_axes)
-        positive = eta_m > 0
-        ratio = jnp.where(positive, eta / jnp.where(positive, eta_m, 1.0), 0.0)
-        # A NaN or Inf gradient poisons eta, and so every update, even where m's eta_m is 0.
-        ratio = jnp.where(jnp.isfinite(eta), ratio, eta)
-        new_updates = [(d.astype(acc) * ratio).astype(g.dtype) for d, g in zip(directions, grads)]
+        step = prepare(updates, params, roles, param_specs, state.eta.dtype)
+        decay = (momentum, 1.0 - momentum)
+        new_updates, average, eta, G = _momentum_step(
+            step.leaves, step.treedef.flatten_up_to(state.momentum), decay, step.plan, step.acc
+        )
         new_state = AGDMomentumState(
             count=optax.safe_int32_increment(state.count),
             eta=eta.astype(state.eta.dtype),
             G=G.astype(state.G.dtype),
-            momentum=jax.tree.unflatten(treedef, average),
+            momentum=jax.tree.unflatten(step.treedef, average),
         )
-        return jax.tree.unflatten(treedef, new_updates), new_state
+        return jax.tree.unflatten(step.treedef, new_updates), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

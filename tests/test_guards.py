@@ -41,7 +41,7 @@ def _reference(grads):
     n_d = _norm(g["dense"]["kernel"])
     per_pos = _norm(g["conv"]["kernel"], axis=(2, 3))
     G = (s_d * n_d + s_c * per_pos.sum()) / 2
-    eta = math.log((1 + math.sqrt(1 + 4 * G)) / 2)
+    eta = math.log1p(2 * G / (1 + math.sqrt(1 + 4 * G)))  # log((1 + sqrt(1 + 4G)) / 2), exact.
     step = eta / 2
     updates = {
         "dense": {
@@ -91,6 +91,54 @@ def test_any_finite_gradient_gives_the_float64_step(factor):
         assert u.dtype == jnp.float32
         np.testing.assert_allclose(
             np.asarray(u, np.float64), w, rtol=2e-6, atol=1e-7, err_msg=str(path)
+        )
+
+
+def _normal_at(tree, dtype, end):
+    """``tree`` in ``dtype`` (from float64), rescaled so its smallest entry is twice the smallest
+    normal number (``end="min"``) or its largest is the largest finite one (``"max"``)."""
+    info = jnp.finfo(dtype)
+    leaves = jax.tree.leaves(tree)
+    if end == "min":
+        factor = 2.0 * float(info.tiny) / min(np.abs(x).min() for x in leaves)
+    else:
+        factor = float(info.max) / max(np.abs(x).max() for x in leaves)
+    return jax.tree.map(lambda x: jnp.asarray(x.astype(np.float64) * factor, dtype), tree)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "scale"),
+    [
+        *[(jnp.float32, s) for s in ("min", 1e-34, 1e-30, 1e-20, 1e-10, 1e-4, 1e10, 1e30, "max")],
+        *[(jnp.bfloat16, s) for s in ("min", 1e-30, 1e-20, 1e-8, 1e20, "max")],
+    ],
+)
+def test_tiny_and_huge_gradients_move_each_layer_by_agds_step(dtype, scale):
+    """From gradients whose every entry is a normal number just above the smallest, to ones
+    that reach the largest: squares under- or overflow, the step must not (float64 reference)."""
+    rng = np.random.default_rng(6)
+    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), _tree(rng))
+    raw = jax.tree.map(lambda x: x.astype(np.float64), _tree(rng))
+    if isinstance(scale, str):
+        grads = _normal_at(raw, dtype, scale)
+    else:
+        grads = jax.tree.map(lambda x: jnp.asarray(x * scale, dtype), raw)
+    tiny = float(jnp.finfo(dtype).tiny)
+    assert all(np.abs(np.asarray(x, np.float64)).min() >= tiny for x in jax.tree.leaves(grads))
+    updates, state = _update(grads, params)
+    want, eta, G = _reference(grads)
+
+    assert float(state[0].eta) == pytest.approx(eta, rel=1e-6)
+    assert float(state[0].G) == pytest.approx(G, rel=1e-6) if G < F32_MAX else True
+    rtol = 2e-6 if dtype == jnp.float32 else 2.0**-7
+    for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]:
+        w = want
+        for key in path:
+            w = w[key.key]
+        assert u.dtype == dtype
+        assert np.any(np.asarray(u, np.float64) != 0.0), path  # The layer moves.
+        np.testing.assert_allclose(
+            np.asarray(u, np.float64), w, rtol=rtol, atol=4 * tiny, err_msg=str(path)
         )
 
 

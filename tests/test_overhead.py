@@ -91,3 +91,16 @@ ENTRY %main (g: f32[64,64], p: f32[64,64]) -> (f32[64,64]) {
     assert counts["fusions"] == 3
     assert counts["reduction"] == 1 and counts["elementwise"] == 1 and counts["small"] == 1
     assert counts["kind_kLoop"] == 2 and counts["kind_kInput"] == 1
+
+
+def test_compile_mode_prints_ratios_to_adam(tmp_path, capsys):
+    """``--compile``: compile and un-jitted call times of agd and agd_momentum over Adam's, on a
+    small dense stack (timings are reported, never asserted on)."""
+    argv = ["--compile", "--leaves", "4", "--repeats", "1", "--out", str(tmp_path)]
+    assert overhead.main(argv) == 0
+    text = (tmp_path / "overhead_compile_cpu.md").read_text()
+    assert "| agd compile / adam |" in text and "| agd_momentum eager / adam |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| 4 |"))
+    ratios = [float(cell.strip().rstrip("x")) for cell in row.split("|")[3:-1] if "x" in cell]
+    assert len(ratios) == 4 and all(math.isfinite(r) and r > 0 for r in ratios)
+    assert text in capsys.readouterr().out

@@ -16,8 +16,13 @@ Four measurements, written as markdown to stdout and to ``<out>/overhead_<device
 4. **What XLA emits** for one update on the ResNet-50 tree: the fusions (kernels) of the compiled
    program, split into passes over whole leaves (reductions, elementwise) and small fusions.
 
+5. **Compile and eager cost** (``--compile``, instead of the above): seconds to compile the
+   jitted update and to call it without ``jit``, for ``agd``, ``agd_momentum`` and ``optax.adam``
+   on stacks of dense layers with biases from 10 to 2,000 leaves, as ratios to Adam's.
+
 Modules: ``zoo`` (the optimizers and parameter trees measured), ``measure`` (timing and state
-bytes), ``hlo`` (counting XLA's kernels), ``report`` (the markdown), ``cli`` (the command line).
+bytes), ``hlo`` (counting XLA's kernels), ``report`` (the markdown), ``compile_cost`` (the
+compile and eager cost), ``cli`` (the command line).
 """
 
 from benchmarks.overhead.cli import main, parse_args, run

@@ -11,10 +11,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from benchmarks.overhead.compile_cost import COMPILE_OPTIMIZERS, measure
+from benchmarks.overhead.compile_cost import markdown as compile_markdown
 from benchmarks.overhead.hlo import fusion_counts, smallest_weight, update_hlo
 from benchmarks.overhead.measure import _train_models, state_bytes, time_train_steps, time_updates
 from benchmarks.overhead.report import device_name, markdown
 from benchmarks.overhead.zoo import BASELINE, OPTIMIZERS, TREES, num_params
+from benchmarks.reporting import hardware_description
 
 DESCRIPTION = "What AGD costs per step, against SGD, Adam, Prodigy and DoG."
 
@@ -33,7 +36,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--steps", type=int, default=20, help="updates per timed call (one scan)")
-    p.add_argument("--repeats", type=int, default=7, help="timed calls; the median is reported")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed calls, the median reported (7; 3 with --compile)",
+    )
     p.add_argument(
         "--size",
         choices=("tiny", "small", "full"),
@@ -47,7 +55,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-hlo", dest="hlo", action="store_false")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
     p.add_argument("--quick", action="store_true", help="tiny trees and few steps (a smoke run)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="instead: the compile time and the un-jitted call time of agd and agd_momentum's "
+        "update, as ratios to optax.adam's, on trees of dense layers with biases",
+    )
+    p.add_argument(
+        "--leaves", default="10,100,500,2000", help="with --compile: comma-separated tree sizes"
+    )
+    p.add_argument("--no-eager", dest="eager", action="store_false", help="with --compile")
     args = p.parse_args(argv)
+    args.leaves = [int(n) for n in args.leaves.split(",") if n.strip()]
+    if args.compile:
+        args.repeats = 3 if args.repeats is None else args.repeats
+        return args
+    args.repeats = 7 if args.repeats is None else args.repeats
     if args.quick:
         args.trees, args.steps, args.repeats = "tiny_mlp,tiny_cnn", 3, 2
         args.size = args.size or "tiny"
@@ -107,11 +130,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def run_compile(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The compile and eager measurements of ``--compile``, one row per tree size."""
+    names = list(COMPILE_OPTIMIZERS)
+    rows = []
+    for leaves in args.leaves:
+        print(f"compile and eager cost: {leaves} leaves", file=sys.stderr, flush=True)
+        rows.append(dict(leaves=leaves, **measure(leaves, names, args.repeats, args.eager)))
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     command = "uv run python -m benchmarks.overhead " + " ".join(
         sys.argv[1:] if argv is None else argv
     )
+    if args.compile:
+        rows = run_compile(args)
+        text = compile_markdown(
+            rows, list(COMPILE_OPTIMIZERS), command.strip(), hardware_description()
+        )
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, f"overhead_compile_{device_name()}.md")
+        with open(path, "w") as f:
+            f.write(text + "\n")
+        print(text, flush=True)
+        print(f"wrote {path}", flush=True)
+        return 0
     result = run(args)
     text = markdown(result, args, command.strip())
     os.makedirs(args.out, exist_ok=True)

@@ -1,6 +1,6 @@
 """Every candidate of the calibration, as an optax transformation built from a model's roles.
 
-Each reuses AGD's own step (``agd_optax._agd._agd_updates``: per-layer normalisation, ``s(W)``,
+Each reuses AGD's own step kernel (``agd_optax._step.agd_step``: per-layer normalisation, ``s(W)``,
 depth, ``G`` and ``eta``) and changes one thing. Only the chosen one ships in the library
 (``agd_optax.agd_momentum``, the candidate ``mom_ema_etag``); the others stay here, so that every
 row of the calibration table can be re-run.
@@ -18,8 +18,14 @@ import jax.numpy as jnp
 import optax
 
 import agd_optax
-from agd_optax._agd import _agd_updates
 from agd_optax._layouts import resolve_layouts
+from agd_optax._step import agd_step, plan_of
+
+
+def _agd_updates(leaves: list[jax.Array], layouts: list[Any]) -> tuple[list, jax.Array, jax.Array]:
+    """AGD's step of flat leaves, norms in float32: (updates without gain, eta, G)."""
+    acc = jnp.dtype(jnp.float32)
+    return agd_step(leaves, plan_of(leaves, layouts, acc), acc)
 
 
 class MomentumState(NamedTuple):
@@ -45,16 +51,16 @@ def momentum_variant(
         if inputs == "grad":
             x = leaves
         else:
-            steps, eta, _ = _agd_updates(leaves, layouts, jnp.float32)
+            steps, eta, _ = _agd_updates(leaves, layouts)
             depth = sum(lay.count for lay in layouts)
             unit = jnp.where(eta > 0, depth / jnp.where(eta > 0, eta, 1.0), 0.0)
             factor = 1.0 if inputs == "update" else unit
             x = [u * factor / lay.scale for u, lay in zip(steps, layouts)]
         m = [beta * a + (1 - beta) * b for a, b in zip(treedef.flatten_up_to(state.m), x)]
         d = [beta * a + (1 - beta) * b for a, b in zip(m, x)] if nesterov else m
-        direction, eta_d, _ = _agd_updates(d, layouts, jnp.float32)
+        direction, eta_d, _ = _agd_updates(d, layouts)
         if eta_from == "grad":
-            _, eta_g, _ = _agd_updates(leaves, layouts, jnp.float32)
+            _, eta_g, _ = _agd_updates(leaves, layouts)
             ratio = jnp.where(eta_d > 0, eta_g / jnp.where(eta_d > 0, eta_d, 1.0), 0.0)
             direction = [u * ratio for u in direction]
         updates = jax.tree.unflatten(treedef, [-u for u in direction])
@@ -83,7 +89,7 @@ def schedule_free_variant(
     def update(grads, state, params):
         layouts = resolve_layouts(grads, roles)
         leaves, treedef = jax.tree.flatten(grads)
-        steps, eta, _ = _agd_updates(leaves, layouts, jnp.float32)
+        steps, eta, _ = _agd_updates(leaves, layouts)
         z = jax.tree.map(lambda z, u: z - u, state.z, jax.tree.unflatten(treedef, steps))
         weight = eta**power
         total = state.weight_sum + weight
