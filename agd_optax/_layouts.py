@@ -208,60 +208,67 @@ def resolve_layouts(params: Any, roles: Any = None) -> list[Layout]:
             biases.append((i, keys, role))
 
     for i, keys, role in biases:
-        if role.owner is not None:
-            candidates = [role.owner]
-        else:
-            candidates = [keys[:-1] + ("kernel",), keys[:-1] + ("embedding",)]
-        owner = next((index[c] for c in candidates if c in index), None)
-        if owner is None:
-            raise RoleError(
-                f"leaf '{paths[i]}' is a bias but its weight "
-                f"{' or '.join(repr(path_to_str(c)) for c in candidates)} is not in the parameter "
-                f"tree. Pass bias(owner='path/to/kernel') or give it the norm() role. {_HELP}"
-            )
-        w = layouts[owner]
-        if w is None or w.kind != "weight":
-            raise RoleError(
-                f"leaf '{paths[i]}' is a bias whose owner '{paths[owner]}' is not a dense, conv or "
-                "embedding weight"
-            )
-        shape = shapes[i]
-        n_stack = len(w.stack_axes)
-        if n_stack and (w.stack_axes != tuple(range(n_stack)) or len(shape) < n_stack):
-            raise RoleError(
-                f"leaf '{paths[i]}': a bias can follow a stacked weight only when the stack axes "
-                f"are leading axes of both (owner '{paths[owner]}' stacks on {w.stack_axes})"
-            )
-        owner_shape = leaf_shape(flat[owner][1])
-        if n_stack and shape[:n_stack] != owner_shape[:n_stack]:
-            raise RoleError(
-                f"leaf '{paths[i]}' with shape {shape} does not share the stack dims "
-                f"{owner_shape[:n_stack]} of its owner '{paths[owner]}'"
-            )
-        fan_out = tuple(owner_shape[a] for a in w.out_axes)
-        if shape[n_stack:] != fan_out:
-            raise RoleError(
-                f"leaf '{paths[i]}' is a bias of shape {shape}, which does not fit its owner "
-                f"'{paths[owner]}' {owner_shape}: a bias has the shape of its weight's stack and "
-                f"fan-out axes, {owner_shape[:n_stack] + fan_out}. Is the weight's role (its "
-                f"fan-in and fan-out axes) right? {_HELP}"
-            )
-        layouts[i] = Layout(
-            paths[i],
-            "bias",
-            tuple(range(n_stack, len(shape))),
-            (),
-            tuple(range(n_stack)),
-            w.scale,
-            0,
-            owner,
-        )
+        layouts[i] = _bias_layout(i, keys, role, layouts, paths, shapes, index)
     if not any(lay.count for lay in layouts):
         raise RoleError(
             "AGD needs at least one dense, conv or embedding weight to set its step size; the "
             f"parameter tree has none (leaves: {paths[:5]}{'...' if len(paths) > 5 else ''})"
         )
     return layouts  # type: ignore[return-value]
+
+
+def _bias_layout(i, keys, role, layouts, paths, shapes, index) -> Layout:
+    """The layout of bias ``i``: its owner found (``role.owner``, or the sibling ``kernel`` or
+    ``embedding``) and checked to be a weight whose stack and fan-out axes the bias's shape
+    matches."""
+    if role.owner is not None:
+        candidates = [role.owner]
+    else:
+        candidates = [keys[:-1] + ("kernel",), keys[:-1] + ("embedding",)]
+    owner = next((index[c] for c in candidates if c in index), None)
+    if owner is None:
+        raise RoleError(
+            f"leaf '{paths[i]}' is a bias but its weight "
+            f"{' or '.join(repr(path_to_str(c)) for c in candidates)} is not in the parameter "
+            f"tree. Pass bias(owner='path/to/kernel') or give it the norm() role. {_HELP}"
+        )
+    w = layouts[owner]
+    if w is None or w.kind != "weight":
+        raise RoleError(
+            f"leaf '{paths[i]}' is a bias whose owner '{paths[owner]}' is not a dense, conv or "
+            "embedding weight"
+        )
+    shape = shapes[i]
+    n_stack = len(w.stack_axes)
+    if n_stack and (w.stack_axes != tuple(range(n_stack)) or len(shape) < n_stack):
+        raise RoleError(
+            f"leaf '{paths[i]}': a bias can follow a stacked weight only when the stack axes "
+            f"are leading axes of both (owner '{paths[owner]}' stacks on {w.stack_axes})"
+        )
+    owner_shape = shapes[owner]
+    if n_stack and shape[:n_stack] != owner_shape[:n_stack]:
+        raise RoleError(
+            f"leaf '{paths[i]}' with shape {shape} does not share the stack dims "
+            f"{owner_shape[:n_stack]} of its owner '{paths[owner]}'"
+        )
+    fan_out = tuple(owner_shape[a] for a in w.out_axes)
+    if shape[n_stack:] != fan_out:
+        raise RoleError(
+            f"leaf '{paths[i]}' is a bias of shape {shape}, which does not fit its owner "
+            f"'{paths[owner]}' {owner_shape}: a bias has the shape of its weight's stack and "
+            f"fan-out axes, {owner_shape[:n_stack] + fan_out}. Is the weight's role (its "
+            f"fan-in and fan-out axes) right? {_HELP}"
+        )
+    return Layout(
+        paths[i],
+        "bias",
+        tuple(range(n_stack, len(shape))),
+        (),
+        tuple(range(n_stack)),
+        w.scale,
+        0,
+        owner,
+    )
 
 
 def _check_leaf(path: str, x: Any) -> None:
