@@ -10,8 +10,10 @@ Leaves and their roles
   ``_layouts``       :class:`Layout`: what the step needs of each leaf; ``resolve_layouts``
   ``_flax``          roles read off NNX modules (``nnx_roles``); the only module importing flax
   ``_pytorch``       roles of a PyTorch-layout tree (``pytorch_roles``)
-  ``_jaxpr_ops``, ``_jaxpr_walk``, ``_trace``
-                     roles read off the computation (``trace_roles``) by walking its jaxpr
+  ``_jaxpr/``        reading a jaxpr: ``values`` (what is known of each value), ``interpreter``
+                     (runs a jaxpr, each primitive by its rule in ``RULES``), ``weights`` and
+                     ``structure`` (the rules)
+  ``_trace``         roles read off the computation (``trace_roles``) from the interpreter's uses
 
 The step
   ``_checks``        what AGD refuses: bad gains, updates that do not fit the parameters

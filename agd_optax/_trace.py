@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from agd_optax._jaxpr_ops import _EMPTY, _Info, _Use, _View
-from agd_optax._jaxpr_walk import _Tracer
+from agd_optax._jaxpr.interpreter import Interpreter
+from agd_optax._jaxpr.values import EMPTY, Info, Use, View
 from agd_optax._paths import path_to_keys, path_to_str
 from agd_optax._roles import Role, RoleError, bias
 
@@ -117,9 +117,9 @@ def trace_roles(fn: Callable[..., Any], params: Any, *args: Any, **kwargs: Any) 
     arrays = [jax.ShapeDtypeStruct(np.shape(inputs[i]), inputs[i].dtype) for i in dynamic]
     closed = jax.make_jaxpr(call)(abstract, arrays)
     n = len(flat)
-    tracer = _Tracer(shapes)
-    infos = [_Info(views=(_View(i, tuple((a,) for a in range(len(shapes[i])))),)) for i in range(n)]
-    tracer.run(closed.jaxpr, infos + [_EMPTY] * (len(closed.jaxpr.invars) - n))
+    tracer = Interpreter(shapes)
+    infos = [Info(views=(View(i, tuple((a,) for a in range(len(shapes[i])))),)) for i in range(n)]
+    tracer.run(closed.jaxpr, infos + [EMPTY] * (len(closed.jaxpr.invars) - n))
 
     names = [path_to_str(k) for k in paths]
     roles: list[Role | None] = []
@@ -140,12 +140,12 @@ def trace_roles(fn: Callable[..., Any], params: Any, *args: Any, **kwargs: Any) 
 
 
 def _decide(
-    uses: list[_Use], paths: list[tuple[str, ...]], ndim: int
+    uses: list[Use], paths: list[tuple[str, ...]], ndim: int
 ) -> tuple[Role | None, str | None]:
     """One leaf's role from all its uses, or a problem saying why not."""
     names = [path_to_str(k) for k in paths]
 
-    def text(u: _Use) -> str:
+    def text(u: Use) -> str:
         out = u.what
         for k, nm in enumerate(names):
             out = out.replace(f"weight #{k}", f"'{nm}'")
