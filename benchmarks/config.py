@@ -59,6 +59,7 @@ INERT_FIELDS = frozenset(
         "coordinator_address",
         "num_processes",
         "process_id",
+        "distributed_timeout",
     }
 )
 LOSSES = ("mse", "xent")
@@ -164,6 +165,13 @@ class Config:
     coordinator_address: str | None = setting(None, "host:port of process 0")
     num_processes: int | None = setting(None)
     process_id: int | None = setting(None)
+    distributed_timeout: int = setting(
+        300,
+        "seconds a process waits for the coordinator and the other processes to join before "
+        "it gives up",
+        show_default=True,
+        metavar="S",
+    )
     # The optimizer's own options (``Optimizer.options``), one flag each; defaults filled in.
     optimizer_options: dict[str, Any] = setting(factory=dict, flagless=True)
 
@@ -274,6 +282,7 @@ class Config:
             number(name, 1, integer=True, optional=True)
         number("num_processes", 1, integer=True, optional=True)
         number("process_id", 0, integer=True, optional=True)
+        number("distributed_timeout", 1, integer=True)
         fixed = self.architecture.fixed_depth
         check(
             fixed is None or self.depth in (None, fixed),

@@ -1,8 +1,14 @@
-"""Meshes and shardings: the same program on one CPU, one GPU, several devices or hosts."""
+"""Meshes and shardings: the same program on one CPU, one GPU, several devices or hosts; and the
+processes of a multi-process run, which start together and stop together."""
 
 from __future__ import annotations
 
+import atexit
 import collections
+import os
+import sys
+import threading
+import time
 from collections.abc import Iterator
 
 import jax
@@ -75,14 +81,141 @@ def data_size(mesh: Mesh) -> int:
     return mesh.shape[DATA_AXIS]
 
 
+class DistributedError(RuntimeError):
+    """The processes of a multi-process run could not start together."""
+
+
+FAILURE_KEY = "agd_optax/failed"  # Set by the first process that fails, read by all.
+STOPPED_KEY = "agd_optax/stopped/"  # + process index: that process has seen the failure.
+RELEASED_KEY = "agd_optax/released"  # The failed process has heard from every other.
+WATCH_EVERY_S = 0.2  # How often each process looks for a failure of another.
+ANNOUNCE_WAIT_S = 5.0  # How long a failed process waits for the others to have seen it.
+
+
 def initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    timeout: int = 300,
 ) -> None:
     """``jax.distributed.initialize`` for multi-process runs: every argument None auto-detects
-    (Slurm, Open MPI, TPU pods, Kubernetes); on CPU the processes talk through gloo."""
+    (Slurm, Open MPI, TPU pods, Kubernetes); on CPU the processes talk through gloo.
+
+    Says who waits for what, and gives up after ``timeout`` seconds with an error naming the
+    coordinator's address (``DistributedError``; JAX itself would abort the process). Once
+    started, every process watches for a failure announced by another (``announce_failure``)
+    and stops with its cause."""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # Only affects CPU devices.
-    jax.distributed.initialize(
-        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
-    )
+    who = "this process" if process_id is None else f"process {process_id}"
+    address = coordinator_address or "the address the cluster gives"
+    count = "all the processes" if num_processes is None else f"all {num_processes} processes"
+    if process_id == 0:
+        waits = f"serves as the coordinator at {address} and waits for {count} to join"
+    else:
+        waits = f"waits for the coordinator at {address} and for {count} to join"
+    print(f"{who} {waits} (up to {timeout} s)", file=sys.stderr, flush=True)
+
+    def give_up() -> None:
+        print(
+            f"error: {who} gave up after {timeout} s waiting for the coordinator at {address} "
+            f"and {count}. Start every process with the same --coordinator-address and "
+            "--num-processes, each with its own --process-id, and check that process 0 runs and "
+            "can be reached there (--distributed-timeout sets the wait).",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(1)
+
+    watchdog = threading.Timer(timeout, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+            initialization_timeout=timeout + 60,  # The watchdog's error comes first.
+        )
+    except ValueError as e:
+        if coordinator_address is None:
+            raise DistributedError(
+                "--distributed found no cluster to join (no Slurm, Open MPI, TPU pod or "
+                "Kubernetes set this process up): give every process --coordinator-address "
+                "HOST:PORT (where process 0 listens), --num-processes N and --process-id I "
+                f"(0 to N-1). ({e})"
+            ) from None
+        raise DistributedError(f"--distributed: {e}") from None
+    finally:
+        watchdog.cancel()
+    _watch_for_failures()
+
+
+def _client():
+    from jax._src import distributed
+
+    return distributed.global_state.client
+
+
+def _watch_for_failures() -> None:
+    """A daemon thread that waits for another process to announce a failure, then prints it and
+    ends this process (whatever it is waiting for: a collective, a barrier of a checkpoint)."""
+    client, me = _client(), jax.process_index()
+    if client is None or jax.process_count() < 2:
+        return
+
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(WATCH_EVERY_S):  # Polls: no call left blocking when the run ends.
+            try:
+                message = client.key_value_try_get(FAILURE_KEY)
+            except Exception as e:  # noqa: BLE001 - not set yet; or shut down, coordinator gone.
+                if "NOT_FOUND" in str(e):
+                    continue
+                return
+            if message.startswith(f"process {me} "):
+                return  # Its own announcement: it is already stopping.
+            print(f"error: stopped because {message}", file=sys.stderr, flush=True)
+            try:
+                client.key_value_set(f"{STOPPED_KEY}{me}", "1")
+                if me == 0:  # The coordinator: gone, it would take the failed process with it.
+                    client.blocking_key_value_get(RELEASED_KEY, int(ANNOUNCE_WAIT_S * 1000))
+                    time.sleep(0.5)
+            except Exception:  # noqa: BLE001
+                pass
+            sys.stdout.flush()
+            os._exit(1)
+
+    thread = threading.Thread(target=watch, name="failure-watch", daemon=True)
+    thread.start()
+
+    def end_watch() -> None:  # Before jax.distributed.shutdown (registered earlier, runs later).
+        stop.set()
+        thread.join(timeout=5)
+
+    atexit.register(end_watch)
+
+
+def announce_failure(message: str) -> None:
+    """Tells the other processes of a multi-process run that this one failed and why, and waits
+    (up to ``ANNOUNCE_WAIT_S``) for them to have seen it: each prints the cause and stops. A
+    no-op in a single process."""
+    client = _client() if jax.distributed.is_initialized() else None
+    if client is None or jax.process_count() < 2:
+        return
+    me = jax.process_index()
+    try:
+        client.key_value_set(FAILURE_KEY, f"process {me} failed: {message}")
+    except Exception:  # noqa: BLE001 - another process failed first, and said so.
+        return
+    deadline = ANNOUNCE_WAIT_S * 1000
+    for other in range(jax.process_count()):
+        if other != me:
+            try:
+                client.blocking_key_value_get(f"{STOPPED_KEY}{other}", int(deadline))
+            except Exception:  # noqa: BLE001 - gone already, or too slow: it stops either way.
+                pass
+    try:
+        client.key_value_set(RELEASED_KEY, "1")
+    except Exception:  # noqa: BLE001
+        pass

@@ -8,8 +8,11 @@ process 0 writes files.
 The contract (``open_run``): one run per folder at a time (an OS lock on ``.lock``, released
 when the process ends, however it ends); a new run refuses a folder that holds another run's
 files unless told to overwrite them; ``--resume`` refuses flags that change the computation
-from the saved config.json. Every file a user reads is replaced atomically (written to a
-temporary file, then renamed), so a kill never leaves a cut or empty file.
+from the saved config.json, and ``--epochs`` below the epochs it has trained. Every file a user
+reads is replaced atomically (written to a temporary file, then renamed), so a kill never leaves
+a cut or empty file; a file that cannot be written is a ``RunFolderError`` naming it. The lock is
+never taken through a symbolic link; a ``checkpoints/`` that is one is followed, and a new run
+clears the folder it points to rather than deleting the link.
 """
 
 from __future__ import annotations

@@ -53,18 +53,23 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
-    if config.distributed:
-        from benchmarks.parallel import initialize_distributed
-
-        initialize_distributed(config.coordinator_address, config.num_processes, config.process_id)
+    from benchmarks import parallel
     from benchmarks.checkpointing import CheckpointError
     from benchmarks.run import NonFiniteError, summary_line, train_and_evaluate
     from benchmarks.run_folder import RunFolderError
 
     try:
+        if config.distributed:
+            parallel.initialize_distributed(
+                config.coordinator_address,
+                config.num_processes,
+                config.process_id,
+                timeout=config.distributed_timeout,
+            )
         final = train_and_evaluate(config)
-    except (RunFolderError, CheckpointError, NonFiniteError) as e:
+    except (RunFolderError, CheckpointError, NonFiniteError, parallel.DistributedError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        parallel.announce_failure(str(e))  # The other processes stop too, with this cause.
         return 1
     if jax.process_index() == 0:
         print(summary_line(config, final), flush=True)
@@ -73,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main_and_exit() -> None:
     """Runs ``main`` as a program. A failure exits at once (``os._exit``): a checkpoint write
-    that failed can leave orbax's background threads waiting minutes for it."""
+    that failed can leave orbax's background threads waiting minutes for it. In a multi-process
+    run, a failure of any process stops the others with its cause (``parallel``)."""
     try:
         code = main()
     except SystemExit:
@@ -81,9 +87,12 @@ def _main_and_exit() -> None:
     except KeyboardInterrupt:
         traceback.print_exc()
         code = 130
-    except BaseException:
+    except BaseException as e:
         traceback.print_exc()
         code = 1
+        from benchmarks import parallel
+
+        parallel.announce_failure(f"{type(e).__name__}: {e}")
     sys.stdout.flush()
     sys.stderr.flush()
     if code:

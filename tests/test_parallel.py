@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -284,3 +285,110 @@ def test_two_processes_train_and_checkpoint(tmp_path):
     single = train_and_evaluate(_config(tmp_path, "single"), mesh=parallel.make_mesh(4))
     assert summary["test_accuracy"] == pytest.approx(single["test_accuracy"], abs=1e-6)
     assert summary["test_loss"] == pytest.approx(single["test_loss"], rel=1e-4)
+
+
+def _processes(n, port, workdir, flags=(), preludes=None, device_count=1, ids=None):
+    """Processes ``ids`` (default: all) of ``n`` of ``benchmarks.train --distributed`` on
+    localhost, each after its prelude (code run before the program, in that process)."""
+    xla = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    xla.append(f"--xla_force_host_platform_device_count={device_count}")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(xla))
+    procs = []
+    for i in range(n) if ids is None else ids:
+        prelude = (preludes or {}).get(i, "")
+        code = f"{prelude}\nimport runpy\nrunpy.run_module('benchmarks.train', run_name='__main__')"
+        args = [
+            *("--epochs", "2", "--width", "64", "--no-progress", "--checkpoint-every", "1"),
+            *("--workdir", str(workdir), "--distributed"),
+            *("--coordinator-address", f"localhost:{port}", "--num-processes", str(n)),
+            *("--process-id", str(i), *flags),
+        ]
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", code, *args],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    return procs
+
+
+def test_a_cluster_that_does_not_form_fails_clearly(tmp_path):
+    """--distributed with no cluster names the flags to give; a process whose coordinator does
+    not answer, and a coordinator whose other process never comes, say who waits for what and
+    give up after --distributed-timeout with the address."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    for name in [k for k in env if k.startswith(("SLURM_", "OMPI_", "TPU_", "KUBERNETES_"))]:
+        del env[name]
+    lone = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.train", "--distributed", "--no-progress"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    flags = ["--distributed-timeout", "2"]
+    port = _free_port()
+    (client,) = _processes(2, port, tmp_path / "a", flags, ids=[1])  # Process 0 never starts.
+    (server,) = _processes(2, _free_port(), tmp_path / "b", flags, ids=[0])  # Nor 1 here.
+    outs = [p.communicate(timeout=120)[0] for p in (lone, client, server)]
+    assert [p.returncode for p in (lone, client, server)] == [1, 1, 1], outs
+    assert "error: --distributed found no cluster to join" in outs[0]
+    for flag in ("--coordinator-address", "--num-processes", "--process-id"):
+        assert flag in outs[0]
+    assert "Traceback" not in outs[0]
+    assert f"process 1 waits for the coordinator at localhost:{port}" in outs[1]
+    assert (
+        f"error: process 1 gave up after 2 s waiting for the coordinator at localhost:{port}"
+        in (outs[1])
+    )
+    assert "process 0 serves as the coordinator at" in outs[2]
+    assert "error: process 0 gave up after 2 s" in outs[2] and "--distributed-timeout" in outs[2]
+
+
+# From the first checkpoint on, files over 8 kB cannot be written (as on a full disk).
+LIMIT_FILE_SIZE = """
+import resource, signal
+from benchmarks import checkpointing
+save = checkpointing.Checkpoints.save
+def limited(self, *args, **kwargs):
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (8_000, 8_000))
+    return save(self, *args, **kwargs)
+checkpointing.Checkpoints.save = limited
+"""
+
+
+def test_a_failed_checkpoint_save_on_process_0_stops_both_processes_with_its_cause(tmp_path):
+    procs = _processes(2, _free_port(), tmp_path / "run", preludes={0: LIMIT_FILE_SIZE})
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [1, 1], outs
+    # Epoch 1's or 2's: how large orbax lets a file grow before it fails varies.
+    cause = rf"could not save the checkpoint of epoch (\d) in {tmp_path / 'run' / 'checkpoints'}/\1"
+    assert re.search(f"error: {cause}", outs[0]), outs[0]
+    assert re.search(f"error: stopped because process 0 failed: {cause}", outs[1]), outs[1]
+    assert "File too large" in outs[1]
+
+
+def test_a_failure_in_one_of_four_processes_stops_them_all_with_its_cause(tmp_path):
+    """Process 2 of 4 fails before training (its data cannot be read); the other three, waiting
+    for it in a collective, stop with its error."""
+    fail = (
+        "import benchmarks.run\n"
+        "def make_task(config):\n"
+        "    raise OSError('cannot read the data: the disk is gone')\n"
+        "benchmarks.run.make_task = make_task"
+    )
+    procs = _processes(4, _free_port(), tmp_path / "run", preludes={2: fail})
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [1, 1, 1, 1], outs
+    assert "OSError: cannot read the data" in outs[2]
+    for i in (0, 1, 3):
+        assert (
+            "error: stopped because process 2 failed: OSError: cannot read the data: the disk is "
+            "gone" in outs[i]
+        ), outs[i]
