@@ -316,3 +316,16 @@ def test_a_failed_metrics_write_is_a_one_line_error_naming_the_file(tmp_path, mo
     err = capsys.readouterr().err
     assert f"error: could not write {workdir / 'metrics.jsonl'}: [Errno 27] File too large" in err
     assert "Traceback" not in err
+
+
+def test_a_hand_edited_config_cannot_continue_weights_made_under_other_settings(
+    tmp_path, reference
+):
+    from benchmarks.checkpointing import CheckpointError
+
+    workdir = tmp_path / "run"
+    shutil.copytree(reference[0], workdir)
+    saved = json.loads((workdir / "config.json").read_text())
+    (workdir / "config.json").write_text(json.dumps(saved | {"seed": 1}))
+    with pytest.raises(CheckpointError, match=r"checkpoints/3 was made with other settings"):
+        train_and_evaluate(_config(workdir, resume=True, seed=1))
