@@ -76,7 +76,6 @@ class Plan:
     Attributes:
       leaves: one :class:`LeafPlan` per leaf, in flattening order.
       groups: the leaves stacked together: the same shape, type, reduced axes and sharding.
-      owners: the weights that biases move with.
       depth: L, the number of weights.
       mesh_axes: every mesh axis sharding some leaf (inside ``shard_map``; else empty).
     """
@@ -84,7 +83,6 @@ class Plan:
     leaves: tuple[LeafPlan, ...]
     groups: tuple[Group, ...]
     where: tuple[tuple[int, int], ...]  # Per leaf: (its group, its position in the group).
-    owners: tuple[int, ...]
     depth: int
     mesh_axes: tuple[str, ...]
 
@@ -144,7 +142,6 @@ def _cached_plan(layouts, shapes, types, global_shapes, mesh_axes, acc) -> Plan:
         leaves=leaves,
         groups=groups,
         where=tuple(where[i] for i in range(len(leaves))),
-        owners=tuple(sorted({lay.owner for lay in layouts if lay.kind == "bias"})),
         depth=sum(lay.count for lay in layouts),
         mesh_axes=tuple(all_mesh),
     )
