@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from agd_optax._step import accumulation_dtype
+
 __all__ = [
     "HypergradientState",
     "hypergradient",
@@ -95,10 +97,6 @@ _UNIT_INTERVAL_NAMES = frozenset({"b1", "b2", "beta1", "beta2", "momentum", "dec
 
 def _default_constraint(name: str) -> str:
     return "squash" if name in _UNIT_INTERVAL_NAMES else "softplus"
-
-
-def _accumulation_dtype(tree: Any) -> jnp.dtype:
-    return jnp.result_type(jnp.float32, *(jnp.result_type(x) for x in jax.tree.leaves(tree)))
 
 
 def _acceptable(value: Any, valid: Callable[[float], bool]) -> bool:
@@ -246,7 +244,7 @@ def _base_update(hyper: _Hyper, grads, base_state, params, extra_args, raw):
 
 
 def _init(hyper: _Hyper, hyper_opt: optax.GradientTransformation, params) -> HypergradientState:
-    acc = _accumulation_dtype(params)
+    acc = accumulation_dtype(params)
     raw = tuple(jnp.asarray(r, acc) for r in hyper.raw0())
     values = hyper.values(raw)
     return HypergradientState(
@@ -261,7 +259,7 @@ def _init(hyper: _Hyper, hyper_opt: optax.GradientTransformation, params) -> Hyp
 def _update(hyper: _Hyper, hyper_opt, grads, state: HypergradientState, params, extra_args):
     # 1. The hypergradient: the gradient at the current parameters dotted with the tangents of
     #    the update that brought them here.
-    acc = jnp.result_type(state.raw[0].dtype, _accumulation_dtype(grads))
+    acc = jnp.result_type(state.raw[0].dtype, accumulation_dtype(grads))
     h = _hypergradient_of(grads, state.tangents, acc)
     h = tuple(x.astype(r.dtype) for x, r in zip(h, state.raw))
     # 2. The hyper-optimizer moves the unconstrained coordinates.
