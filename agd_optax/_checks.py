@@ -12,8 +12,9 @@ from agd_optax._paths import path_to_keys, path_to_str
 
 def check_same_structure(updates: Any, params: Any) -> None:
     """Refuses updates whose tree or leaf shapes differ from the params', naming the leaves."""
-    u_def = jax.tree.structure(updates)
-    p_def = jax.tree.structure(params)
+    # jaxlib's PyTreeDef comes without type information (a compiled extension), hence Any.
+    u_def: Any = jax.tree.structure(updates)
+    p_def: Any = jax.tree.structure(params)
     if u_def == p_def:
         for (path, u), p in zip(
             jax.tree_util.tree_flatten_with_path(updates)[0], p_def.flatten_up_to(params)

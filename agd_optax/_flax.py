@@ -58,14 +58,14 @@ def _stacked(role: Role, n: int) -> Role:
     if n == 0 or role.kind == "bias":
         return role
 
-    def shift(axes: tuple[int, ...] | None) -> tuple[int, ...] | None:
-        return None if axes is None else tuple(a + n if a >= 0 else a for a in axes)
+    def shift(axes: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(a + n if a >= 0 else a for a in axes)
 
     return dataclasses.replace(
         role,
         in_axes=shift(role.in_axes),
         out_axes=shift(role.out_axes),
-        spatial_axes=shift(role.spatial_axes),
+        spatial_axes=None if role.spatial_axes is None else shift(role.spatial_axes),
         stack_axes=tuple(range(n)) + shift(role.stack_axes),
     )
 

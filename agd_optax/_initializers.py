@@ -56,13 +56,13 @@ def scaled_orthogonal(role: Role | str = "dense"):
       >>> bool(jax.numpy.allclose(s, (16 / 64) ** 0.5, rtol=1e-5))
       True
     """
-    role = as_role(role, "<initializer>")
-    if role is None or role.kind not in ("dense", "conv", "embedding"):
-        raise ValueError(f"scaled_orthogonal initialises weights only, got role {role}")
+    weight = as_role(role, "<initializer>")
+    if weight is None or weight.kind not in ("dense", "conv", "embedding"):
+        raise ValueError(f"scaled_orthogonal initialises weights only, got role {weight}")
 
     def init(key, shape, dtype=jnp.float32):
         shape = tuple(int(d) for d in shape)
-        lay = _weight_layout(role, shape, f"<{role.kind} initializer>")
+        lay = _weight_layout(weight, shape, f"<{weight.kind} initializer>")
         return _orthogonal_weight(key, shape, dtype, lay)
 
     return init

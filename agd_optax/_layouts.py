@@ -181,22 +181,28 @@ def resolve_layouts(params: Any, roles: Any = None) -> list[Layout]:
 
     if callable(roles) and not isinstance(roles, Role):
         roles = roles(params)
-    given = [None] * len(flat) if roles is None else _broadcast_roles(roles, params)
+    given: list[Role | None] = (
+        [None] * len(flat) if roles is None else _broadcast_roles(roles, params)
+    )
     shapes = [leaf_shape(x) for _, x in flat]
     sib = siblings_of(all_keys, shapes)
     index = {k: i for i, k in enumerate(all_keys)}
     undecided = []
+    decided: list[Role] = []
     for i, keys in enumerate(all_keys):
-        if given[i] is None:
+        role = given[i]
+        if role is None:
             try:
-                given[i] = infer_role(keys, shapes[i], sib[keys[:-1]])
+                role = infer_role(keys, shapes[i], sib[keys[:-1]])
             except _Undecided as e:
                 undecided.append(e)
+                continue
+        decided.append(role)
     raise_undecided(undecided)
 
     layouts: list[Layout | None] = [None] * len(flat)
     biases = []
-    for i, (keys, role) in enumerate(zip(all_keys, given)):
+    for i, (keys, role) in enumerate(zip(all_keys, decided)):
         shape = shapes[i]
         if role.kind in _WEIGHT_KINDS:
             layouts[i] = _weight_layout(role, shape, paths[i])
@@ -209,12 +215,16 @@ def resolve_layouts(params: Any, roles: Any = None) -> list[Layout]:
 
     for i, keys, role in biases:
         layouts[i] = _bias_layout(i, keys, role, layouts, paths, shapes, index)
-    if not any(lay.count for lay in layouts):
+    done = [lay for lay in layouts if lay is not None]
+    if len(done) != len(layouts):  # Every leaf is a weight, a norm or a bias, laid out above.
+        missing = [p for p, lay in zip(paths, layouts) if lay is None]
+        raise AssertionError(f"leaves without a layout: {missing}")
+    if not any(lay.count for lay in done):
         raise RoleError(
             "AGD needs at least one dense, conv or embedding weight to set its step size; the "
             f"parameter tree has none (leaves: {paths[:5]}{'...' if len(paths) > 5 else ''})"
         )
-    return layouts  # type: ignore[return-value]
+    return done
 
 
 def _bias_layout(i, keys, role, layouts, paths, shapes, index) -> Layout:

@@ -158,31 +158,46 @@ def _decide(
         seen = list(dict.fromkeys(text(u) for u in uses if u.kind == "other"))
         return None, "used in a way AGD cannot read: " + "; ".join(seen[:3])
     if kinds == {"bias"}:
-        owners = sorted({u.owner for u in uses})
+        owners = sorted({_owner_of(u) for u in uses})
         if len(owners) > 1:
             return None, "added to the outputs of several weights: " + ", ".join(
                 f"'{names[o]}'" for o in owners
             )
         return bias(owner=paths[owners[0]]), None
     if kinds == {"norm"}:
-        distinct = list(dict.fromkeys(u.role for u in uses))
-        if len(distinct) == 1:
-            return distinct[0], None
+        distinct_roles = list(dict.fromkeys(_role_of(u) for u in uses))
+        if len(distinct_roles) == 1:
+            return distinct_roles[0], None
         return None, "a normalisation parameter stacked in different ways: " + "; ".join(
             text(u) for u in uses[:3]
         )
     if kinds <= {"weight", "lookup"}:
-        distinct = list(dict.fromkeys(_key(u.role, ndim) for u in uses))
-        if len(distinct) == 1:  # A tied table (lookup and head) keeps the lookup's role.
-            return next((u.role for u in uses if u.kind == "lookup"), uses[0].role), None
-        firsts = [next(u for u in uses if _key(u.role, ndim) == k) for k in distinct[:3]]
+        distinct_keys = list(dict.fromkeys(_key(_role_of(u), ndim) for u in uses))
+        if len(distinct_keys) == 1:  # A tied table (lookup and head) keeps the lookup's role.
+            tied = next((u for u in uses if u.kind == "lookup"), uses[0])
+            return _role_of(tied), None
+        firsts = [next(u for u in uses if _key(_role_of(u), ndim) == k) for k in distinct_keys[:3]]
         return None, "used in different ways: " + " and ".join(
-            f"{_describe(u.role)} ({text(u)})" for u in firsts
+            f"{_describe(_role_of(u))} ({text(u)})" for u in firsts
         )
     firsts = list({u.kind: u for u in uses}.values())
     return None, "used in different ways: " + " and ".join(
         f"as a {'weight' if u.kind == 'lookup' else u.kind} ({text(u)})" for u in firsts
     )
+
+
+def _role_of(use: Use) -> Role:
+    """The role a weight, lookup or norm use carries (set by the rule that records the use)."""
+    if use.role is None:
+        raise AssertionError(f"a {use.kind} use without its role: {use.what}")
+    return use.role
+
+
+def _owner_of(use: Use) -> int:
+    """The weight a bias use is added to (set by the rule that records the use)."""
+    if use.owner is None:
+        raise AssertionError(f"a bias use without its weight: {use.what}")
+    return use.owner
 
 
 def _key(role: Role, ndim: int) -> tuple[Any, ...]:
