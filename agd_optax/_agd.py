@@ -24,7 +24,7 @@ class AGDState(NamedTuple):
       (0, 0.0)
     """
 
-    count: jax.Array  # shape=(), int32: number of updates made.
+    count: jax.Array  # type: ignore[assignment]  # shape=(), int32: updates made (shadows tuple.count).
     eta: (
         jax.Array
     )  # shape=(), float32 (float64 for float64 params): step size of the last update, before gain.

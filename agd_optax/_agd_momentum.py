@@ -30,7 +30,7 @@ class AGDMomentumState(NamedTuple):
       ((4, 2), 0)
     """
 
-    count: jax.Array  # shape=(), int32: number of updates made.
+    count: jax.Array  # type: ignore[assignment]  # shape=(), int32: updates made (shadows tuple.count).
     eta: jax.Array  # shape=(), float32 (float64 for float64 params): the last step, before gain.
     G: jax.Array  # shape=(), same dtype as eta: the last gradient's G = (1/L) sum_k s(W_k) N_k.
     momentum: Any  # Same tree, shapes and dtypes as the parameters: the running average m.

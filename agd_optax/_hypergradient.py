@@ -187,7 +187,7 @@ def _hypergradient_of(grads: Any, tangents: tuple[Any, ...], acc: jnp.dtype) -> 
         dots = jax.tree.leaves(
             jax.tree.map(lambda g, t: jnp.sum(g.astype(acc) * t.astype(acc)), grads, tangent)
         )
-        out.append(sum(dots[1:], dots[0]) if dots else jnp.zeros([], acc))
+        out.append(functools.reduce(jnp.add, dots) if dots else jnp.zeros([], acc))
     return out
 
 
@@ -260,8 +260,9 @@ def _update(hyper: _Hyper, hyper_opt, grads, state: HypergradientState, params, 
     # 1. The hypergradient: the gradient at the current parameters dotted with the tangents of
     #    the update that brought them here.
     acc = jnp.result_type(state.raw[0].dtype, accumulation_dtype(grads))
-    h = _hypergradient_of(grads, state.tangents, acc)
-    h = tuple(x.astype(r.dtype) for x, r in zip(h, state.raw))
+    h = tuple(
+        x.astype(r.dtype) for x, r in zip(_hypergradient_of(grads, state.tangents, acc), state.raw)
+    )
     # 2. The hyper-optimizer moves the unconstrained coordinates.
     hyper_updates, hyper_state = hyper_opt.update(h, state.hyper_state, state.raw)
     raw = optax.apply_updates(state.raw, hyper_updates)

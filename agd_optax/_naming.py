@@ -129,7 +129,7 @@ def infer_role(
         return _Undecided(path, shape, why, fix)
 
     if name == "kernel":
-        beside = getattr(siblings, "modules", frozenset())
+        beside: frozenset[str] = getattr(siblings, "modules", frozenset())
         return _kernel(keys, shape, siblings.get("bias"), cls, beside, fail)
     if name == "embedding":
         if ndim == 2:

@@ -38,7 +38,7 @@ def mesh_axes_per_leaf(updates: Any, specs: Any) -> list[MeshAxes]:
                 f"AGD: the PartitionSpec {spec} of leaf '{path_to_str(path_to_keys(path))}' has more "
                 f"entries than its {x.ndim} axes"
             )
-        per_axis = []
+        per_axis: list[tuple[str, ...]] = []
         for entry in spec + (None,) * (x.ndim - len(spec)):
             if entry is None:
                 per_axis.append(())

@@ -111,7 +111,9 @@ def _suspect(sq: list[jax.Array], plan: Plan, acc: np.dtype) -> jax.Array:
     return suspect
 
 
-def _whole_norms(q: jax.Array, e: jax.Array | None, leaf, acc: np.dtype):
+def _whole_norms(
+    q: jax.Array, e: jax.Array | None, leaf, acc: np.dtype
+) -> tuple[jax.Array, jax.Array | None]:
     """Stacked weights' whole norms (their kernel positions' sums, on a common exponent)."""
     spatial = tuple(a + 1 for a in leaf.spatial_axes)  # Past the stacking axis.
     if e is None:
@@ -133,8 +135,10 @@ def _norms(ssq, exp, plan: Plan, acc: np.dtype) -> Norms:
     packs = [_pack(q, None if exp is None else exp[k], acc) for k, q in enumerate(ssq)]
     wholes = {}
     for leaf in plan.leaves:
-        k = plan.where[leaf.owner][0] if leaf.kind == "bias" else None
-        if k is None or k in wholes:
+        if leaf.owner is None:  # Not a bias.
+            continue
+        k = plan.where[leaf.owner][0]
+        if k in wholes:
             continue
         owner = plan.leaves[leaf.owner]
         if owner.spatial_axes:
@@ -145,7 +149,7 @@ def _norms(ssq, exp, plan: Plan, acc: np.dtype) -> Norms:
             wholes[k] = packs[k]
     divisors = []
     for i, leaf in enumerate(plan.leaves):
-        if leaf.kind == "bias":
+        if leaf.owner is not None:  # A bias: its owner's whole norms.
             k, m = plan.where[leaf.owner]
             divisors.append(wholes[k][m].reshape((2, *leaf.bias_shape)))
         else:
