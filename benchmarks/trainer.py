@@ -244,7 +244,7 @@ class Trainer:
 
     def train_step(self, x: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
         """One step on a global batch already on the devices (``parallel.shard_batch``)."""
-        key = (x.shape, y.shape)  # The state's types never change; the batches' dtypes neither.
+        key = (x.shape, x.dtype, y.shape, y.dtype)  # The state's types never change.
         step = self._train_steps.get(key)
         if step is None:
             statics = dict(
