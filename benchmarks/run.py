@@ -70,18 +70,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None, mesh=None) ->
         mesh = parallel.make_mesh() if mesh is None else mesh
         steps_per_epoch = _steps_per_epoch(config, task, mesh)
 
-        # The model's roles, read once from its shapes, for the optimizers and inits that use them.
-        build_model = model_builder(config, task, spec.agd_init)
-        shapes = nnx.eval_shape(lambda: build_model(0))
-        roles = functools.cache(lambda: task.roles(shapes))
-        # Runs of one process that differ only in the seed share the optimizer and programs.
-        key = f"{config.computation_key('seed')} {steps_per_epoch} {nnx.state(shapes)}"
-        if key not in _TRANSFORMATIONS:
-            total_steps = steps_per_epoch * config.epochs
-            tx = optimizers.resolve(spec, config, total_steps, steps_per_epoch, roles)
-            _TRANSFORMATIONS[key] = tx
-        initialize = agd_initialization(config, task, spec.agd_init, roles)
-        trainer = Trainer(config, spec, _TRANSFORMATIONS[key], build_model, initialize, mesh, key)
+        trainer, roles = _build_trainer(config, spec, task, mesh, steps_per_epoch)
 
         if is_main:  # The flags, the data and the model are accepted: the run takes the folder.
             folder.start_run(workdir, config)
@@ -121,31 +110,59 @@ def train_and_evaluate(config: Config, workdir: str | None = None, mesh=None) ->
             if checkpoints is not None:
                 checkpoints.close()
 
-        final = dict(rows[-1]) if rows else {}
-        final.update(clock.summary(config, trainer), num_devices=parallel.data_size(mesh))
-        final.update(steps_per_epoch=steps_per_epoch)
-        final["ran"] = {  # What the run was built from: its optimizer state, and the roles used.
-            "optimizer_state": trainer.state_types(),
-            "roles": describe_roles(roles()) if roles.cache_info().currsize else None,
-        }
-        final.update(task.summary(final))
-        if is_main and rows:
-            try:
-                task.finish(workdir, trainer.model())
-            except OSError as e:
-                raise RunFolderError(f"could not write the samples in {workdir}: {e}") from e
-            folder.write_summary(workdir, final)
-            title = f"{config.optimizer} {config.arch} {config.dataset}"
-            plot = os.path.join(workdir, folder.PLOT_FILE)
-            try:
-                plot_curves(plot, rows, title)
-            except OSError as e:
-                raise RunFolderError(f"could not write {plot}: {e}") from e
+        final = _summarize(
+            config, workdir, task, trainer, rows, clock, roles, mesh, steps_per_epoch
+        )
         final["params"] = trainer.params()
         return final
     finally:
         if lock is not None:
             lock.release()
+
+
+def _build_trainer(config, spec, task, mesh, steps_per_epoch) -> tuple[Trainer, Any]:
+    """The run's ``Trainer``, and its roles (a cached callable: read once from the model's
+    shapes, only by the optimizers and initialisations that use them). Runs of one process that
+    differ only in the seed share the optimizer and compiled programs."""
+    build_model = model_builder(config, task, spec.agd_init)
+    shapes = nnx.eval_shape(lambda: build_model(0))
+    roles = functools.cache(lambda: task.roles(shapes))
+    key = f"{config.computation_key('seed')} {steps_per_epoch} {nnx.state(shapes)}"
+    if key not in _TRANSFORMATIONS:
+        total_steps = steps_per_epoch * config.epochs
+        _TRANSFORMATIONS[key] = optimizers.resolve(
+            spec, config, total_steps, steps_per_epoch, roles
+        )
+    initialize = agd_initialization(config, task, spec.agd_init, roles)
+    trainer = Trainer(config, spec, _TRANSFORMATIONS[key], build_model, initialize, mesh, key)
+    return trainer, roles
+
+
+def _summarize(config, workdir, task, trainer, rows, clock, roles, mesh, steps_per_epoch):
+    """The final metrics, with the seconds spent and what ran; process 0 writes summary.json,
+    the task's files (samples) and the curves."""
+    is_main = jax.process_index() == 0
+    final = dict(rows[-1]) if rows else {}
+    final.update(clock.summary(config, trainer), num_devices=parallel.data_size(mesh))
+    final.update(steps_per_epoch=steps_per_epoch)
+    final["ran"] = {  # What the run was built from: its optimizer state, and the roles used.
+        "optimizer_state": trainer.state_types(),
+        "roles": describe_roles(roles()) if roles.cache_info().currsize else None,
+    }
+    final.update(task.summary(final))
+    if is_main and rows:
+        try:
+            task.finish(workdir, trainer.model())
+        except OSError as e:
+            raise RunFolderError(f"could not write the samples in {workdir}: {e}") from e
+        folder.write_summary(workdir, final)
+        title = f"{config.optimizer} {config.arch} {config.dataset}"
+        plot = os.path.join(workdir, folder.PLOT_FILE)
+        try:
+            plot_curves(plot, rows, title)
+        except OSError as e:
+            raise RunFolderError(f"could not write {plot}: {e}") from e
+    return final
 
 
 def summary_line(config: Config, final: dict[str, Any]) -> str:
