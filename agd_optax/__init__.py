@@ -27,19 +27,15 @@ The step
 The optimizers
   ``_agd``           ``scale_by_agd``, ``agd`` and their state
   ``_agd_momentum``  ``scale_by_agd_momentum``, ``agd_momentum``: the step along an average
-  ``_hypergradient`` gains learned by hypergradient descent (``hypergradient``, its tower)
+  ``_hypergradient`` hyperparameters learned by hypergradient descent (``hypergradient``)
+  ``_towers``        towers of it (``hypergradient_tower``, ``learned_hyperparams``)
   ``_initializers``  AGD's orthogonal initialisation (``dense_init``, ``conv_init``, ...)
 """
 
 from agd_optax._agd import AGDState, agd, scale_by_agd
 from agd_optax._agd_momentum import AGDMomentumState, agd_momentum, scale_by_agd_momentum
 from agd_optax._flax import nnx_roles  # Imports flax only when called.
-from agd_optax._hypergradient import (
-    HypergradientState,
-    hypergradient,
-    hypergradient_tower,
-    learned_hyperparams,
-)
+from agd_optax._hypergradient import HypergradientState, hypergradient
 from agd_optax._initializers import conv_init, dense_init, reinitialize, scaled_orthogonal
 from agd_optax._layouts import Layout, resolve_layouts
 from agd_optax._naming import infer_roles
@@ -53,6 +49,7 @@ from agd_optax._roles import (
     embedding,
     norm,
 )
+from agd_optax._towers import hypergradient_tower, learned_hyperparams
 from agd_optax._trace import trace_roles
 
 __version__ = "0.1.0"
