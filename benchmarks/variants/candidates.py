@@ -20,6 +20,7 @@ import optax
 import agd_optax
 from agd_optax._layouts import resolve_layouts
 from agd_optax._step import agd_step, plan_of
+from benchmarks.variants import round_two
 
 
 def _agd_updates(leaves: list[jax.Array], layouts: list[Any]) -> tuple[list, jax.Array, jax.Array]:
@@ -175,6 +176,16 @@ CANDIDATES: dict[str, Candidate] = {
                         "AGD, weights kept at their initial norm"),
     "mom_etag_sphere": Candidate(lambda r: on_sphere(r, agd_optax.agd_momentum(roles=r)),
                                  "EMA momentum (eta from g), weights kept at initial norm"),
+    # Round two (docs/agd_variants.md, "Round two").
+    "ortho_frob": Candidate(round_two.ortho_frob,
+                            "orthogonalised momentum at AGD's Frobenius budget, eta from g"),
+    "ortho_nuclear": Candidate(round_two.ortho_nuclear,
+                               "orthogonalised momentum at spectral norm 1, eta from nuclear norms"),
+    "hyper_gain": Candidate(round_two.hyper_gain,
+                            "agd_momentum, gain learned by hypergradient descent"),
+    "adam_dir": Candidate(round_two.adam_dir, "AGD's per-layer step along Adam's direction"),
+    "scion_auto": Candidate(round_two.scion_auto,
+                            "Scion's per-layer geometry at agd_momentum's per-layer step"),
     "gain2": Candidate(lambda r: agd_optax.agd(2.0, roles=r), "diagnostic: gain 2", eligible=False),
     "gain3": Candidate(lambda r: agd_optax.agd(3.0, roles=r),
                        "diagnostic: gain 3 (= gain L here, L = 3)", eligible=False),
