@@ -104,7 +104,7 @@ def train(workload: str, candidate: Candidate, seed: int, data_dir: str | None =
 
 
 def table(records: Sequence[dict[str, Any]]) -> str:
-    """Markdown: per candidate, final validation accuracy (mean ± std over seeds) per workload."""
+    """Markdown: per candidate run, final validation accuracy (mean ± std over seeds) per workload."""
     acc = collections.defaultdict(list)
     for r in records:
         acc[(r["name"], r["workload"])].append(r["final"])
@@ -113,6 +113,8 @@ def table(records: Sequence[dict[str, Any]]) -> str:
         "| --- | --- | " + " | ".join("---" for _ in WORKLOADS) + " | --- |",
     ]
     for name, cand in CANDIDATES.items():
+        if not any(key[0] == name for key in acc):
+            continue  # Not run in this file.
         cells, means = [], []
         for w in WORKLOADS:
             v = acc.get((name, w), [])
