@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import optax
 
 import agd_optax
@@ -195,6 +196,54 @@ OPTIMIZERS: dict[str, Optimizer] = {
 }  # fmt: skip
 
 
+MUON_RMS = 0.2  # Muon's step scaled to AdamW's update RMS (Liu et al. 2025, arXiv:2502.16982).
+
+
+def muon_dimension_numbers(roles: Any, params: Any) -> Any:
+    """Which leaves Muon orthogonalises, from the model's AGD roles: every dense weight (an
+    attention projection as the matrix from its fan-in axes to its fan-out axes) and every
+    convolution kernel (its kernel positions folded into the fan-in, as in Jordan et al.'s CIFAR-10
+    runs; stacked layers each on its own), but not the output head (a leaf under a ``head``
+    module) nor embeddings, biases and norm parameters: those go to Adam, as Muon's authors
+    prescribe (Jordan et al. 2024). None marks a leaf for Adam."""
+
+    def names(path) -> tuple[str, ...]:
+        keys = (getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+        return tuple(str(k) for k in keys if str(k) != "value")
+
+    is_role = lambda x: x is None or isinstance(x, agd_optax.Role)  # noqa: E731
+    by_path = {
+        names(path): role
+        for path, role in jax.tree_util.tree_flatten_with_path(roles, is_leaf=is_role)[0]
+    }
+
+    def spec(path, leaf):
+        keys = names(path)
+        role = by_path.get(keys)
+        if role is None or role.kind not in ("dense", "conv") or "head" in keys:
+            return None
+        reduction = role.in_axes
+        if role.kind == "conv":
+            ndim = len(leaf.shape)
+            named = {a % ndim for a in (*role.in_axes, *role.out_axes, *role.stack_axes)}
+            spatial = role.spatial_axes
+            if spatial is None:
+                spatial = tuple(a for a in range(ndim) if a not in named)
+            reduction = (*spatial, *role.in_axes)
+        return contrib.MuonDimensionNumbers(reduction, role.out_axes)
+
+    return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def _muon(h: Hyper) -> optax.GradientTransformation:
+    """``optax.contrib.muon`` at one learning rate: Muon (momentum 0.95, Nesterov, 5 Newton-Schulz
+    steps) on the hidden weight matrices, its step scaled to AdamW's RMS (``consistent_rms``) so
+    that one learning rate serves both parts; Adam (betas 0.9, 0.999) on every other leaf."""
+    dims = None if h.roles is None else lambda params: muon_dimension_numbers(h.roles(), params)
+    return contrib.muon(h.lr, weight_decay=h.weight_decay, adam_weight_decay=h.weight_decay,
+                        consistent_rms=MUON_RMS, muon_weight_dimension_numbers=dims)  # fmt: skip
+
+
 ALGOPERF_NADAMW_PEAK = 0.0017486387539278373
 
 
@@ -228,6 +277,12 @@ def _algoperf_schedule_free(h: Hyper) -> optax.GradientTransformation:
 
 
 OPTIMIZERS.update({
+    "muon": Optimizer(
+        _muon,
+        "Muon (optax.contrib.muon): orthogonalised momentum on hidden weight matrices (and conv "
+        "kernels, positions folded into the fan-in), at AdamW's update RMS; Adam on embeddings, "
+        "the output head, biases and norms, at the same learning rate",
+        0.003),
     "agd_momentum": Optimizer(
         lambda h: agd_optax.agd_momentum(h.gain, roles=_roles(h)),
         "AGD with momentum: AGD's step along the average of recent gradients (--gain; no "

@@ -12,17 +12,28 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from benchmarks.compare.pool import run_in_workers
 from benchmarks.compare.protocol import (
     TARGET_FRACTION,
     VALIDATION_SPLIT,
     entries_for,
     parse_grid,
+    rows_deciding_the_bar,
     run_cell,
     summarize,
 )
 from benchmarks.compare.report import write_outputs
 from benchmarks.compare.runner import Runner
-from benchmarks.compare.workloads import ENTRIES, SUITES, needs_data_dir
+from benchmarks.compare.sizing import epoch_rule, time_one
+from benchmarks.compare.workloads import (
+    ENTRIES,
+    PEERS,
+    SUITES,
+    Entry,
+    Workload,
+    candidate_entries,
+    needs_data_dir,
+)
 from benchmarks.data import DATASETS
 from benchmarks.reporting import hardware_description
 
@@ -79,6 +90,52 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "several comma-separated files of one suite are merged (rows added to each workload, a "
         "later file's row replacing an earlier one's of the same label) and the merged JSON saved",
     )
+    p.add_argument(
+        "--candidates",
+        default=None,
+        help="comma-separated optimizer names (registered in benchmarks/optimizers.py) added as "
+        "rows of every workload, beside the suite's own",
+    )
+    p.add_argument(
+        "--max-extensions",
+        type=int,
+        default=None,
+        help="points a tuned row's grid may gain past the edge its choice sits on (default: the "
+        "workload's; 4 in heldout2, 0 elsewhere)",
+    )
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="train every run again (by default a run whose workdir holds the record of a "
+        "finished run of the same settings is read back, not retrained: a stopped suite resumes)",
+    )
+    p.add_argument(
+        "--extra-seeds-for",
+        default=None,
+        help="rows that get --extra-seeds seeds instead of --seeds (their first runs reused): "
+        "comma-separated labels, or 'bar:CANDIDATE' for the rows deciding the bar whose "
+        "spreads overlap (CANDIDATE, the best tuned row, the best zero-settings peer), per workload",
+    )
+    p.add_argument("--extra-seeds", type=int, default=5, help="seeds of --extra-seeds-for rows")
+    p.add_argument(
+        "--epoch-rule",
+        action="store_true",
+        help="run only the tuned rows' grids (validation runs) and print, for the best tuned row, "
+        "the rise of its validation accuracy over the last fifth of its epochs",
+    )
+    p.add_argument(
+        "--time-one",
+        default=None,
+        metavar="ROW",
+        help="sizing: one final-split run of ROW on the one workload of --workloads, printing "
+        "only its wall time and the runs the workload's rows need (no loss, no accuracy)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="cells trained at once, each in its own process on one core with one XLA thread",
+    )
     args = p.parse_args(argv)
     if args.from_json:
         return args
@@ -89,6 +146,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--suite {args.suite} needs --data-dir (the dataset is not downloaded here)")
     if args.seeds < 1:
         p.error("--seeds must be >= 1")
+    if args.extra_seeds_for and args.extra_seeds <= args.seeds:
+        p.error(f"--extra-seeds ({args.extra_seeds}) must exceed --seeds ({args.seeds})")
+    if args.jobs < 1:
+        p.error("--jobs must be >= 1")
+    if args.max_extensions is not None and args.max_extensions < 0:
+        p.error("--max-extensions must be >= 0")
     try:
         args.grid = parse_grid(args.grid)
     except ValueError as e:
@@ -148,26 +211,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     suite = args.suite
     if args.add_to:  # Refuse before training anything.
         _load_compatible(args.add_to, suite, args.seeds, hardware_description())
-    workloads = list(SUITES[suite])
-    if args.workloads:
-        wanted = [w.strip() for w in args.workloads.split(",") if w.strip()]
-        workloads = [w for w in workloads if w.name in wanted]
-        if not workloads:
-            raise SystemExit(f"no workload of suite {suite} among {wanted}")
+    workloads = _selected_workloads(args)
     names = [n.strip() for n in args.optimizers.split(",")] if args.optimizers else None
-    overrides: dict[str, Any] = {}
-    if args.epochs:
-        overrides["epochs"] = args.epochs
-    if args.train_bs:
-        overrides["train_bs"] = args.train_bs
-    runs_dir = os.path.join(args.runs_dir, "compare", suite)
-    if args.data_dir is not None:
-        overrides["data_dir"] = args.data_dir
-    elif all(DATASETS[w.config["dataset"]].caches for w in workloads):  # Generated once.
-        overrides["data_dir"] = os.path.join(args.runs_dir, "data")
-    if args.download:
-        overrides["download"] = True
-    runner = Runner(runs_dir, overrides, verbose=args.verbose)
+    candidates = [n.strip() for n in (args.candidates or "").split(",") if n.strip()]
+    plan = {w.name: _workload_entries(w, args.grid, names, candidates) for w in workloads}
+    runner = _make_runner(args, workloads)
+    if args.time_one:
+        return time_one(runner, workloads, plan, args.time_one, args.seeds)
+    if args.epoch_rule:
+        tuned = {w.name: [e for e in plan[w.name] if e.tuned] for w in workloads}
+        _pool(args, runner, workloads, tuned, seeds=None)
+        return epoch_rule(runner, workloads, tuned, args.max_extensions, args.out)
 
     command = _command_line(argv)
     grid_desc = (
@@ -175,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(args.grid, int)
         else "/".join(f"{v:g}" for v in args.grid)
         if isinstance(args.grid, tuple)
-        else _default_grids([e for w in workloads for e in (w.entries or ENTRIES)])
+        else _default_grids([e for w in workloads for e in plan[w.name]])
     )
     result: dict[str, Any] = {
         "suite": suite,
@@ -193,34 +247,139 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     seeds = list(range(args.seeds))
     t_start = time.perf_counter()
+    _pool(args, runner, workloads, plan, seeds)
     for workload in workloads:
-        entries = entries_for(args.grid, names, workload.config["dataset"], workload.entries)
+        entries = plan[workload.name]
         runner.warm_up(workload)
-        cells = [run_cell(runner, workload, e, seeds) for e in entries]
-        config = runner.config(workload, entries[0], None, seeds[0], 0.0)
-        result["workloads"].append(
-            {
-                "name": workload.name,
-                "title": workload.title,
-                "metric": workload.metric,
-                "config": {
-                    k: v
-                    for k, v in dataclasses.asdict(config).items()
-                    if k not in ("optimizer", "gain", "lr", "seed")
-                },
-                "epochs": config.epochs,
-                "train_bs": config.train_bs,
-                "steps_per_epoch": cells[0]["final_runs"][0]["steps_per_epoch"],
-                "cells": cells,
-                "summary": summarize(cells, workload.metric),
-            }
-        )
+        cells = [run_cell(runner, workload, e, seeds, args.max_extensions) for e in entries]
+        result["workloads"].append(_workload_result(runner, workload, entries, cells, seeds))
+    runner.resume = True  # With --fresh too: the runs trained just now are reused below.
+    if args.extra_seeds_for:
+        more = _rows_for_more_seeds(args.extra_seeds_for, result["workloads"])
+        wanted = {w: [e for e in plan[w] if e.label in labels] for w, labels in more.items()}
+        _pool(args, runner, workloads, wanted, list(range(args.extra_seeds)))
+        for workload, saved in zip(workloads, result["workloads"]):
+            extra = [
+                run_cell(runner, workload, e, range(args.extra_seeds), args.max_extensions)
+                for e in wanted[workload.name]
+            ]
+            _put_cells(saved, extra)
+        result["meta"]["extra_seeds"] = {
+            "seeds": args.extra_seeds,
+            "rule": args.extra_seeds_for,
+            "rows": more,
+        }
     result["meta"]["suite_wall_s"] = time.perf_counter() - t_start
+    if runner.reused:
+        result["meta"]["runs_reused"] = runner.reused
 
     if args.add_to:
         result = add_rows(result, args.add_to)
     write_outputs(result, args.out)
     return 0
+
+
+def _selected_workloads(args: argparse.Namespace) -> list[Workload]:
+    workloads = list(SUITES[args.suite])
+    if args.workloads:
+        wanted = [w.strip() for w in args.workloads.split(",") if w.strip()]
+        workloads = [w for w in workloads if w.name in wanted]
+        if not workloads:
+            raise SystemExit(f"no workload of suite {args.suite} among {wanted}")
+    return workloads
+
+
+def _workload_entries(
+    workload: Workload,
+    grid: int | tuple[float, ...] | None,
+    names: Sequence[str] | None,
+    candidates: Sequence[str],
+) -> list[Entry]:
+    """The workload's rows (its own, or ``ENTRIES``, and the ``candidates``'), ``grid`` applied
+    and ``names`` selected."""
+    own = tuple(workload.entries or ENTRIES)
+    known = {e.label for e in own}
+    extra = tuple(e for e in candidate_entries(candidates) if e.label not in known)
+    return entries_for(grid, names, workload.config["dataset"], own + extra)
+
+
+def _make_runner(args: argparse.Namespace, workloads: Sequence[Workload]) -> Runner:
+    overrides: dict[str, Any] = {}
+    if args.epochs:
+        overrides["epochs"] = args.epochs
+    if args.train_bs:
+        overrides["train_bs"] = args.train_bs
+    if args.data_dir is not None:
+        overrides["data_dir"] = args.data_dir
+    elif all(DATASETS[w.config["dataset"]].caches for w in workloads):  # Generated once.
+        overrides["data_dir"] = os.path.join(args.runs_dir, "data")
+    if args.download:
+        overrides["download"] = True
+    runs_dir = os.path.join(args.runs_dir, "compare", args.suite)
+    return Runner(runs_dir, overrides, verbose=args.verbose, resume=not args.fresh)
+
+
+def _pool(
+    args: argparse.Namespace,
+    runner: Runner,
+    workloads: Sequence[Workload],
+    plan: dict[str, Sequence[Entry]],
+    seeds: Sequence[int] | None,
+) -> None:
+    """With ``--jobs N`` (N > 1), trains the cells of ``plan`` (only their grids when ``seeds``
+    is None) in N worker processes first; the caller then reads every run back."""
+    if args.jobs <= 1:
+        return
+    tasks = [
+        (w.name, e, None if seeds is None else list(seeds), args.max_extensions)
+        for w in workloads
+        for e in plan.get(w.name, ())
+    ]
+    run_in_workers(args.suite, runner, tasks, args.jobs, fresh=args.fresh)
+    runner.resume = True  # What the workers trained is read back, --fresh or not.
+
+
+def _workload_result(
+    runner: Runner,
+    workload: Workload,
+    entries: Sequence[Entry],
+    cells: list[dict[str, Any]],
+    seeds: Sequence[int],
+) -> dict[str, Any]:
+    config = runner.config(workload, entries[0], None, seeds[0], 0.0)
+    return {
+        "name": workload.name,
+        "title": workload.title,
+        "metric": workload.metric,
+        "config": {
+            k: v
+            for k, v in dataclasses.asdict(config).items()
+            if k not in ("optimizer", "gain", "lr", "seed")
+        },
+        "epochs": config.epochs,
+        "train_bs": config.train_bs,
+        "steps_per_epoch": cells[0]["final_runs"][0]["steps_per_epoch"],
+        "cells": cells,
+        "summary": summarize(cells, workload.metric),
+    }
+
+
+def _rows_for_more_seeds(rule: str, workloads: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
+    """Per workload, the rows of ``--extra-seeds-for``: the labels given, or with ``bar:NAME`` the
+    rows deciding the bar whose spreads overlap (``rows_deciding_the_bar``)."""
+    out = {}
+    for w in workloads:
+        metric = w.get("metric", "accuracy")
+        if rule.startswith("bar:"):
+            labels = rows_deciding_the_bar(w["summary"], w["cells"], rule[4:], PEERS, metric)
+        else:
+            labels = [x.strip() for x in rule.split(",") if x.strip()]
+            unknown = sorted(set(labels) - {c["label"] for c in w["cells"]})
+            if unknown:
+                raise ValueError(f"--extra-seeds-for: no row {unknown} on workload {w['name']}")
+        out[w["name"]] = labels
+        print(f"{w['name']}: more seeds for {', '.join(labels) or 'no row'}", flush=True)
+    return out
 
 
 def _command_line(argv: Sequence[str] | None) -> str:

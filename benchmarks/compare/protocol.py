@@ -16,6 +16,7 @@ from benchmarks.optimizers import OPTIMIZERS
 
 VALIDATION_SPLIT = 0.2
 TARGET_FRACTION = 0.95
+HALF_DECADE = (1.0, 3.0)  # The mantissas of a half-decade grid: ..., 1e-3, 3e-3, 1e-2, ...
 
 
 def _finite(x: Any) -> bool:
@@ -88,6 +89,53 @@ def grid_points(lo: float, hi: float, n: int) -> tuple[float, ...]:
     return tuple(float(f"{x:.3g}") for x in np.geomspace(lo, hi, n))
 
 
+def _on_half_decades(lr: float) -> tuple[int, int] | None:
+    """``(exponent, index into HALF_DECADE)`` when ``lr`` is ``1e-k`` or ``3e-k`` (3 significant
+    digits), else None."""
+    exponent = math.floor(math.log10(lr) + 1e-9)
+    mantissa = float(f"{lr / 10.0**exponent:.3g}")
+    return (exponent, HALF_DECADE.index(mantissa)) if mantissa in HALF_DECADE else None
+
+
+def point_beyond(grid: Sequence[float], side: str) -> float:
+    """The next learning rate past the grid's ``side`` edge (``"up"``: above its largest point,
+    ``"down"``: below its smallest). On the half-decade lattice (1, 3, 10, 30, ... times a power
+    of ten) the next lattice point; otherwise the edge times (or divided by) the ratio of the two
+    outermost points on that side."""
+    points = sorted(grid)
+    if len(points) < 2:
+        raise ValueError(f"a grid needs two points to be extended, got {list(grid)}")
+    if side not in ("up", "down"):
+        raise ValueError(f"side must be 'up' or 'down', got {side!r}")
+    edge = points[-1] if side == "up" else points[0]
+    lattice = _on_half_decades(edge)
+    if lattice is not None:
+        exponent, i = lattice
+        i += 1 if side == "up" else -1
+        exponent, i = exponent + i // len(HALF_DECADE), i % len(HALF_DECADE)
+        return float(f"{HALF_DECADE[i] * 10.0**exponent:.3g}")
+    ratio = points[-1] / points[-2] if side == "up" else points[1] / points[0]
+    return float(f"{edge * ratio if side == 'up' else edge / ratio:.3g}")
+
+
+def open_edge(records: Sequence[dict[str, Any]], metric: str = "accuracy") -> str | None:
+    """Which edge of the grid the chosen learning rate sits on (``"up"`` or ``"down"``), or None
+    when it is interior: then the grid is closed.
+
+    The chosen point is ``select_lr``'s; a diverged point (NaN) ranks last, so a grid whose top
+    point diverged is closed above: the choice cannot sit on a diverged edge unless every point
+    diverged, and then the grid opens downwards, towards smaller steps."""
+    chosen = select_lr(records, metric)
+    lrs = sorted(r["lr"] for r in records)
+    if not any(_finite(r.get(f"val_{metric}")) for r in records):
+        return "down"
+    if chosen == lrs[-1]:
+        return "up"
+    if chosen == lrs[0]:
+        return "down"
+    return None
+
+
 def parse_grid(text: str | None) -> int | tuple[float, ...] | None:
     """``--grid``: a number of points (``"3"``) or explicit learning rates (``"1e-3,1e-2"``)."""
     if text is None:
@@ -138,34 +186,109 @@ class Runs(Protocol):
     ) -> dict[str, Any]: ...
 
 
+def tune(
+    runner: Runs, workload: Workload, entry: Entry, seed: int, max_extensions: int = 0
+) -> tuple[list[dict[str, Any]], float | None, list[float]]:
+    """A tuned entry's grid runs on the validation split (with ``seed``), extended by one point
+    at a time past the edge the choice sits on (``open_edge``, ``point_beyond``) until the
+    choice is interior or ``max_extensions`` points were added. Returns the grid runs (in the
+    order run), the chosen learning rate, and the points added."""
+    if not entry.tuned:
+        return [], (entry.grid[0] if entry.grid else None), []
+    runs = [runner.run(workload, entry, lr, seed, validation=True) for lr in entry.grid]
+    added: list[float] = []
+    while len(added) < max_extensions:
+        side = open_edge(runs, workload.metric)
+        if side is None:
+            break
+        lr = point_beyond([r["lr"] for r in runs], side)
+        added.append(lr)
+        runs.append(runner.run(workload, entry, lr, seed, validation=True))
+    return runs, select_lr(runs, workload.metric), added
+
+
 def run_cell(
-    runner: Runs, workload: Workload, entry: Entry, seeds: Sequence[int]
+    runner: Runs,
+    workload: Workload,
+    entry: Entry,
+    seeds: Sequence[int],
+    max_extensions: int | None = None,
 ) -> dict[str, Any]:
-    """Every run of one table cell: the grid (if tuned), then the final runs, one per seed.
+    """Every run of one table cell: the grid (if tuned; extended past an edge choice up to
+    ``max_extensions`` points, by default the workload's ``extend_grid``), then the final runs,
+    one per seed.
 
     The grid runs once, with the first seed: the seeds vary the initialisation and the batch
     order, while the train/test split stays the data seed's, so one choice serves every seed.
     """
-    grid_runs: list[dict[str, Any]] = []
-    chosen_lr = entry.grid[0] if entry.grid else None
-    if entry.tuned:
-        grid_runs = [
-            runner.run(workload, entry, lr, seeds[0], validation=True) for lr in entry.grid
-        ]
-        chosen_lr = select_lr(grid_runs, workload.metric)
+    cap = workload.extend_grid if max_extensions is None else max_extensions
+    grid_runs, chosen_lr, added = tune(runner, workload, entry, seeds[0], cap)
     chosen = {seed: chosen_lr for seed in seeds}
     final_runs = [runner.run(workload, entry, chosen[s], s, validation=False) for s in seeds]
+    grid = sorted(r["lr"] for r in grid_runs) if entry.tuned else list(entry.grid)
     return {
         "label": entry.label,
         "optimizer": entry.optimizer,
         "gain": entry.gain,
         "description": entry.description,
-        "grid": list(entry.grid),
+        "grid": grid,
+        "grid_declared": list(entry.grid),
+        "grid_added": added,
+        "grid_closed": not entry.tuned or open_edge(grid_runs, workload.metric) is None,
         "tuned": entry.tuned,
         "chosen_lr": {str(s): chosen[s] for s in seeds},
         "grid_runs": grid_runs,
         "final_runs": final_runs,
     }
+
+
+def _better(metric: str) -> Any:
+    return min if metric == "loss" else max
+
+
+def rows_deciding_the_bar(
+    summary: dict[str, Any],
+    cells: Sequence[dict[str, Any]],
+    candidate: str,
+    peers: Sequence[str],
+    metric: str = "accuracy",
+) -> list[str]:
+    """The rows that decide the bar whose spreads overlap: the candidate, the best tuned row and
+    the best zero-settings peer (a label in ``peers``), each pair of the candidate with one of the
+    other two whose intervals mean ± std (the summary's) overlap. These rows get more seeds."""
+    _check_metric(metric)
+    stats = {s["label"]: s for s in summary["cells"]}
+    if candidate not in stats:
+        raise ValueError(f"the candidate {candidate!r} is not a row of this table: {sorted(stats)}")
+    better = _better(metric)
+
+    def best(labels: list[str]) -> str | None:
+        scored = [lab for lab in labels if _finite(stats[lab]["mean"])]
+        return better(scored, key=lambda lab: stats[lab]["mean"]) if scored else None
+
+    tuned = best([c["label"] for c in cells if c["tuned"]])
+    peer = best([lab for lab in stats if lab in peers])
+    c = stats[candidate]
+    out = set()
+    for other in (tuned, peer):
+        if other is None or other == candidate:
+            continue
+        o = stats[other]
+        if abs(c["mean"] - o["mean"]) <= c["std"] + o["std"]:  # [m - s, m + s] overlap.
+            out |= {candidate, other}
+    return sorted(out)
+
+
+def last_fifth_rise(curve: Sequence[dict[str, Any]], key: str = "val_accuracy") -> float:
+    """How much ``key`` rose over the last fifth of the epochs of ``curve`` (per-epoch rows):
+    its last value minus its value a fifth of the epochs (at least one) before the end."""
+    if len(curve) < 2:
+        raise ValueError(f"a rise needs a curve of two epochs or more, got {len(curve)}")
+    back = max(1, len(curve) // 5)
+    last, before = curve[-1].get(key), curve[-1 - back].get(key)
+    if not (_finite(last) and _finite(before)):
+        return math.nan
+    return float(last - before)
 
 
 def summarize(cells: Sequence[dict[str, Any]], metric: str = "accuracy") -> dict[str, Any]:

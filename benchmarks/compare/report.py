@@ -34,6 +34,32 @@ def _lr_text(cell: dict[str, Any], s: dict[str, Any]) -> str:
     return text + (" (grid edge)" if s["grid_edge"] else "")
 
 
+def _spread(s: dict[str, Any], seeds: int | None) -> str:
+    """``mean ± std``, with the number of seeds where a row has other than the table's."""
+    text = f"{s['mean']:.4f} ± {s['std']:.4f}"
+    return text if seeds is None or s["n"] == seeds else f"{text} ({s['n']} seeds)"
+
+
+def _grids(w: dict[str, Any]) -> list[str]:
+    """The final grid of every tuned row whose cell records how it was extended."""
+    lines = []
+    for cell, s in zip(w["cells"], w["summary"]["cells"]):
+        if not cell["tuned"] or "grid_declared" not in cell:
+            continue
+        points = ", ".join(f"{x:g}" for x in cell["grid"])
+        added = ", ".join(f"{x:g}" for x in cell["grid_added"])
+        chosen = "/".join(f"{x:g}" for x in sorted(set(s["chosen_lrs"])))
+        lines.append(
+            f"- {cell['label']}: {points}"
+            + (f" ({added} added past the declared edge)" if added else "")
+            + f"; chosen {chosen}, "
+            + ("interior" if cell["grid_closed"] else "still on the edge (extension cap reached)")
+        )
+    if lines:
+        lines = ["Learning-rate grids (final, after extension):", "", *lines, ""]
+    return lines
+
+
 def _fmt_steps(x: float | None) -> str:
     return "-" if x is None else f"{x:,.0f}"
 
@@ -47,7 +73,7 @@ def _reached(s: dict[str, Any]) -> str:
     return reached
 
 
-def _loss_table(w: dict[str, Any]) -> list[str]:
+def _loss_table(w: dict[str, Any], seeds: int | None = None) -> list[str]:
     """A language model's table: losses (lower is better) instead of accuracies."""
     summ = w["summary"]
     first = {}  # Mean loss after the first epoch: early-training speed.
@@ -72,12 +98,12 @@ def _loss_table(w: dict[str, Any]) -> list[str]:
     ]
     for cell, s in zip(w["cells"], summ["cells"]):
         lines.append(
-            f"| {cell['label']} | {_lr_text(cell, s)} | {s['mean']:.4f} ± {s['std']:.4f} "
+            f"| {cell['label']} | {_lr_text(cell, s)} | {_spread(s, seeds)} "
             f"| {first[cell['label']]:.4f} | {_reached(s)} | {s['grid_runs']} "
             f"| {s['total_steps']:,} | {s['total_wall_s']:.0f} |"
         )
     lines.append("")
-    return lines
+    return lines + _grids(w)
 
 
 def markdown(suite: str, result: dict[str, Any]) -> str:
@@ -123,7 +149,7 @@ def markdown(suite: str, result: dict[str, Any]) -> str:
     for w in result["workloads"]:
         summ = w["summary"]
         if w.get("metric", "accuracy") == "loss":
-            lines += _loss_table(w)
+            lines += _loss_table(w, meta.get("seeds"))
             continue
         lines += [
             f"## {w['title']}",
@@ -145,10 +171,16 @@ def markdown(suite: str, result: dict[str, Any]) -> str:
             elif s["steps_to_target"] is None:
                 reached = "not reached"
             lines.append(
-                f"| {cell['label']} | {_lr_text(cell, s)} | {s['mean']:.4f} ± {s['std']:.4f} "
+                f"| {cell['label']} | {_lr_text(cell, s)} | {_spread(s, meta.get('seeds'))} "
                 f"| {reached} | {s['grid_runs']} | {s['total_steps']:,} | {s['total_wall_s']:.0f} |"
             )
         lines.append("")
+        lines += _grids(w)
+    extra = meta.get("extra_seeds")
+    if extra:
+        rows = "; ".join(f"{w}: {', '.join(r) or 'none'}" for w, r in extra["rows"].items())
+        lines += [f"Rows given {extra['seeds']} seeds (`--extra-seeds-for {extra['rule']}`, their "
+                  f"first runs reused): {rows}.", ""]  # fmt: skip
     return "\n".join(lines)
 
 

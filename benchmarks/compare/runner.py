@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import json
 import os
 import sys
 import time
@@ -16,19 +17,58 @@ from benchmarks.config import Config
 from benchmarks.optimizers import OPTIMIZERS
 from benchmarks.run_folder import read_metrics
 
+RECORD_FILE = "record.json"  # A finished run's record, beside its metrics.
+
 
 def _lr_tag(lr: float | None) -> str:
     return "default" if lr is None else f"lr{lr:g}"
 
 
-class Runner:
-    """Runs single trainings of the training program and records them."""
+def load_record(workdir: str, key: str) -> dict[str, Any] | None:
+    """The record a finished run left in ``workdir``, if it was made with the settings ``key``
+    (``Config.computation_key``); None otherwise (no run, an unfinished one, other settings)."""
+    path = os.path.join(workdir, RECORD_FILE)
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if saved.get("config_key") != key:
+        return None
+    return saved["record"]
 
-    def __init__(self, runs_dir: str, overrides: dict[str, Any], verbose: bool = False):
+
+def save_record(workdir: str, key: str, record: dict[str, Any]) -> None:
+    """Writes a finished run's record (atomically: a run stopped mid-write leaves none)."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, RECORD_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"config_key": key, "record": record}, f)
+    os.replace(tmp, path)
+
+
+class Runner:
+    """Runs single trainings of the training program and records them.
+
+    With ``resume`` (the default), a run whose workdir holds the record of a finished run of the
+    same settings is not trained again: its record is read back, so that a suite stopped midway
+    goes on where it stopped when its command is given again."""
+
+    def __init__(
+        self,
+        runs_dir: str,
+        overrides: dict[str, Any],
+        verbose: bool = False,
+        resume: bool = True,
+    ):
         self.runs_dir = runs_dir
         self.overrides = overrides
         self.verbose = verbose
+        self.resume = resume
         self.count = 0
+        self.reused = 0
+        self.warm_up_dir = "warm_up"  # Under runs_dir; one per process when several train at once.
 
     def config(self, workload: Workload, entry: Entry, lr, seed: int, split: float) -> Config:
         values = dict(workload.config)
@@ -60,6 +100,14 @@ class Runner:
         workdir = os.path.join(
             self.runs_dir, workload.name, entry.label, f"{kind}_{_lr_tag(lr)}_seed{seed}"
         )
+        key = config.computation_key()
+        if self.resume:
+            record = load_record(workdir, key)
+            if record is not None:
+                self.reused += 1
+                return record
+        with contextlib.suppress(FileNotFoundError):  # Another settings' record: stale now.
+            os.remove(os.path.join(workdir, RECORD_FILE))
         out = io.StringIO()
         t0 = time.perf_counter()
         diverged, steps = None, None
@@ -114,6 +162,7 @@ class Runner:
             + (" (diverged: stopped at a non-finite loss or state)" if diverged else ""),
             flush=True,
         )
+        save_record(workdir, key, record)
         return record
 
     def warm_up(self, workload: Workload) -> None:
@@ -126,4 +175,6 @@ class Runner:
             config = self.config(workload, entry, lr, 0, 0.0)
             config = dataclasses.replace(config, epochs=1, max_steps_per_epoch=2)
             with contextlib.redirect_stdout(io.StringIO()):
-                train_and_evaluate(config, os.path.join(self.runs_dir, "warm_up", entry.label))
+                train_and_evaluate(
+                    config, os.path.join(self.runs_dir, self.warm_up_dir, entry.label)
+                )

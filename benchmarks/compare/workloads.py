@@ -10,7 +10,7 @@ import dataclasses
 from typing import Any
 
 from benchmarks.data import DATASETS
-from benchmarks.optimizers import OPTIMIZERS
+from benchmarks.optimizers import OPTIMIZERS, Row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +84,8 @@ class Workload:
     config: dict[str, Any]
     metric: str = "accuracy"  # What is reported and tuned on: "accuracy" (higher) or "loss".
     entries: tuple[Entry, ...] | None = None  # The table's rows; None: ENTRIES.
+    # Points a tuned row's grid may gain past its edge while the choice sits on one (0: none).
+    extend_grid: int = 0
 
 
 def _fcn(name: str, title: str, dataset: str, **config: Any) -> Workload:
@@ -113,6 +115,64 @@ _LM_SMALL = dict(
     eval_windows=128,
     samples=0,
 )
+
+# Round two's held-out suite (docs/agd_variants.md, "Round two: protocol"). Every tuned row gets
+# a grid of at least 5 half-decade points, extended past an edge choice by up to EXTEND_GRID points;
+# the zero-settings peers run at their defaults.
+#
+# CANDIDATES: the round's candidates, by optimizer name (registered in benchmarks.optimizers): one
+# line each. A candidate's rows are its registry entry's ``compare`` rows, or one row at its
+# defaults named after it. Put a name here only once the choice on the calibration workloads is
+# committed; ``--candidates`` adds rows for one invocation without editing this file.
+CANDIDATES: tuple[str, ...] = ()
+EXTEND_GRID = 4
+HALF_DECADE_SGD = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+HALF_DECADE_ADAM = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+HALF_DECADE_LM = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+PEERS = (*LR_FREE, *ALGOPERF)  # The zero-settings peers: the bar's "best zero-settings peer".
+
+
+def candidate_entries(names: tuple[str, ...] | list[str]) -> tuple[Entry, ...]:
+    """The rows of the candidates ``names`` (optimizer names of ``OPTIMIZERS``)."""
+    out = []
+    for name in names:
+        if name not in OPTIMIZERS:
+            raise ValueError(
+                f"candidate {name!r} is not a registered optimizer; register it in "
+                f"benchmarks/optimizers.py first (known: {', '.join(OPTIMIZERS)})"
+            )
+        spec = OPTIMIZERS[name]
+        rows = spec.compare or (Row("", f"{spec.description} (candidate, defaults)"),)
+        out += [
+            Entry(r.label or name, name, r.gain, r.grid, r.description, r.options) for r in rows
+        ]
+    return tuple(out)
+
+
+def _row(label: str) -> Entry:
+    return next(e for e in ENTRIES if e.label == label)
+
+
+_HELDOUT2_TUNED = (
+    dataclasses.replace(_row("sgd_momentum"), grid=HALF_DECADE_SGD),
+    dataclasses.replace(_row("adam"), grid=HALF_DECADE_ADAM),
+    dataclasses.replace(_row("nadamw"), grid=HALF_DECADE_ADAM),
+)
+_HELDOUT2_ZERO = (*(_row(p) for p in PEERS), _row("agd"), _row("agd_momentum"))
+HELDOUT2_ENTRIES = (*_HELDOUT2_TUNED, *_HELDOUT2_ZERO, *candidate_entries(CANDIDATES))
+# On the LM also AdamW and Muon with the LM recipe: linear warmup over the first epoch (a twelfth
+# of the run, as round one's 25 of 300 steps), then cosine decay to zero, tuned over the peak.
+_LM_RECIPE = dict(schedule="warmup_cosine", warmup_epochs=1.0, grid=HALF_DECADE_LM)
+HELDOUT2_LM_ENTRIES = (
+    *_HELDOUT2_TUNED,
+    Entry("adamw_warmup_cosine", "adamw", description="AdamW (weight decay 0), warmup over the "
+          "first twelfth then cosine to 0, tuned lr", **_LM_RECIPE),
+    Entry("muon_warmup_cosine", "muon", description="Muon (optax.contrib.muon; see the registry), "
+          "warmup over the first twelfth then cosine to 0, tuned lr", **_LM_RECIPE),
+    *_HELDOUT2_ZERO,
+    *candidate_entries(CANDIDATES),
+)  # fmt: skip
+_HELDOUT2 = dict(metric="accuracy", entries=HELDOUT2_ENTRIES, extend_grid=EXTEND_GRID)
 
 SUITES: dict[str, tuple[Workload, ...]] = {
     # A byte-level transformer on the Python standard library's source (no download); an epoch
@@ -215,6 +275,30 @@ SUITES: dict[str, tuple[Workload, ...]] = {
              "mnist1d", depth=8, width=256, bias=True, epochs=60, **XENT),
         Workload("shapes_vgg", "shapes (32x32x3, 10 classes), VGG-16 width 8, cross-entropy",
                  dict(dataset="shapes", arch="vgg16", depth=None, width=8, epochs=5, **XENT)),
+    ),
+    # Round two's held-out workloads, declared before any optimizer ran on them; epochs of the VGG
+    # and the ResNet are set by the rules of the protocol (the VGG's doubling from 10, one timing
+    # run each), written here before any candidate runs on them.
+    "heldout2": (
+        Workload(
+            "lm_long",
+            "pystdlib bytes, transformer depth 2 width 64 (4 heads), context 64, batch 32, "
+            "1,200 steps",
+            dict(_LM_SMALL, train_bs=32, epochs=12, max_steps_per_epoch=100),
+            metric="loss",
+            entries=HELDOUT2_LM_ENTRIES,
+            extend_grid=EXTEND_GRID,
+        ),
+        Workload("shapes_vgg_long", "shapes (32x32x3, 10 classes), VGG-16 width 8, cross-entropy",
+                 dict(dataset="shapes", arch="vgg16", depth=None, width=8, epochs=10, **XENT),
+                 **_HELDOUT2),
+        Workload("shapes_resnet18_bn", "shapes (32x32x3, 10 classes), ResNet-18 width 16 with "
+                 "biases and affine BatchNorm, cross-entropy",
+                 dict(dataset="shapes", arch="resnet18", depth=None, width=16, bias=True,
+                      epochs=10, **XENT), **_HELDOUT2),
+        Workload("mnist1d_cnn_d6w48", "MNIST-1D, CNN1D depth 6 width 48, cross-entropy",
+                 dict(dataset="mnist1d", arch="cnn1d", depth=6, width=48, epochs=60, **XENT),
+                 **_HELDOUT2),
     ),
     "imagenet": (
         _named("imagenet_resnet50", "ImageNet, ResNet-50, cross-entropy, batch 1024", "imagenet",
