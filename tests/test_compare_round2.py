@@ -260,7 +260,6 @@ def test_a_worker_trains_the_cells_it_claims(tmp_path, fake_training, monkeypatc
     from benchmarks.compare import pool
     from benchmarks.compare.runner import Runner
 
-    monkeypatch.setattr(pool, "_pin", lambda index: None)  # Not this test process.
     launched = []
 
     def popen(argv, env):  # The workers, one after the other in this process.
@@ -323,12 +322,30 @@ def test_heldout2_is_declared_as_the_protocol_says():
     assert {"adamw_warmup_cosine", "muon_warmup_cosine"} <= {
         e.label for e in suite["lm_long"].entries
     }
+    from benchmarks.compare.runner import Runner
+
+    runner = Runner("unused", {})
+    for w in suite.values():  # Every row's configuration is valid (nothing is trained).
+        for e in w.entries:
+            runner.config(w, e, e.grid[0] if e.grid else None, 0, 0.2)
+
     from benchmarks.compare.workloads import candidate_entries
 
     (row,) = candidate_entries(["agd_momentum"])
     assert row.label == "agd_momentum" and not row.tuned
     with pytest.raises(ValueError, match="register it"):
         candidate_entries(["not_an_optimizer"])
+
+
+def test_heldout2_cnn1d_of_depth_6_fits_mnist1d_signals():
+    from flax import nnx
+
+    from benchmarks.models import make_model
+
+    config = next(w for w in compare.SUITES["heldout2"] if w.name == "mnist1d_cnn_d6w48").config
+    model = make_model("cnn1d", num_classes=10, input_shape=(40,), depth=config["depth"],
+                       width=config["width"], rngs=nnx.Rngs(0))  # fmt: skip
+    assert model(np.zeros((2, 40), np.float32)).shape == (2, 10)  # 5 stride-2 convs of 40.
 
 
 def test_muon_orthogonalises_hidden_matrices_and_hands_the_rest_to_adam():

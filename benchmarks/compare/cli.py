@@ -134,7 +134,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--jobs",
         type=int,
         default=1,
-        help="cells trained at once, each in its own process on one core with one XLA thread",
+        help="cells trained at once, each in its own process with one XLA thread",
     )
     args = p.parse_args(argv)
     if args.from_json:

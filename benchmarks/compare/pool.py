@@ -1,5 +1,6 @@
-"""Several cells trained at once (``--jobs N``): N worker processes, each on one core with one
-XLA thread, take the cells of a task list in turn (a cell is claimed by creating its claim file,
+"""Several cells trained at once (``--jobs N``): N worker processes, each with one XLA thread
+(left to the operating system to place: pinning each to a core was slower on a shared machine),
+take the cells of a task list in turn (a cell is claimed by creating its claim file,
 so no two workers train it) and leave each run's record in its workdir. The suite then reads every
 run back (``Runner``'s resume), so the tables are made exactly as by one process.
 
@@ -96,19 +97,12 @@ def _claim(claims: str, index: int) -> bool:
     return True
 
 
-def _pin(index: int) -> None:
-    """Keeps this process on one of the cores it may use (worker ``index`` on the index-th)."""
-    cores = sorted(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {cores[index % len(cores)]})
-
-
 def worker(path: str, index: int) -> int:
     from benchmarks.compare.protocol import run_cell, tune
     from benchmarks.compare.runner import Runner
 
     with open(path) as f:
         spec = json.load(f)
-    _pin(index)
     runner = Runner(spec["runs_dir"], spec["overrides"], spec["verbose"], resume=not spec["fresh"])
     runner.warm_up_dir = f"warm_up_{index}"
     workloads = {w.name: w for w in SUITES[spec["suite"]]}

@@ -68,6 +68,7 @@ class Runner:
         self.resume = resume
         self.count = 0
         self.reused = 0
+        self._cold: set[str] = set()  # Workloads whose warm-up waits for a run to train.
         self.warm_up_dir = "warm_up"  # Under runs_dir; one per process when several train at once.
 
     def config(self, workload: Workload, entry: Entry, lr, seed: int, split: float) -> Config:
@@ -106,6 +107,9 @@ class Runner:
             if record is not None:
                 self.reused += 1
                 return record
+        if workload.name in self._cold:
+            self._cold.discard(workload.name)
+            self.warm_up_now(workload)
         with contextlib.suppress(FileNotFoundError):  # Another settings' record: stale now.
             os.remove(os.path.join(workdir, RECORD_FILE))
         out = io.StringIO()
@@ -167,7 +171,14 @@ class Runner:
 
     def warm_up(self, workload: Workload) -> None:
         """Tiny uncounted runs (AGD, SGD), so that no counted run pays the process's one-time
-        start-up costs (JAX initialisation, compiling AGD's orthogonal initialisation)."""
+        start-up costs (JAX initialisation, compiling AGD's orthogonal initialisation). With
+        ``resume``, they wait for the workload's first run that is not read back."""
+        if self.resume:
+            self._cold.add(workload.name)
+        else:
+            self.warm_up_now(workload)
+
+    def warm_up_now(self, workload: Workload) -> None:
         from benchmarks.run import train_and_evaluate
 
         entries = {e.label: e for e in ENTRIES}

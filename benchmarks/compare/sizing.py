@@ -50,7 +50,7 @@ def time_one(
         )
     entry = entries[label]
     lr = entry.grid[len(entry.grid) // 2] if entry.grid else None
-    runner.warm_up(workload)  # As the suite does: start-up costs are not the run's.
+    runner.warm_up_now(workload)  # As the suite does: start-up costs are not the run's.
     config = runner.config(workload, entry, lr, 0, 0.0)
     workdir = tempfile.mkdtemp(prefix="time_one_")
     finished = True
