@@ -233,6 +233,17 @@ def test_a_record_of_other_settings_is_not_reused(tmp_path, fake_training):
     assert len(fake_training) == 2  # Same workdir, other epochs: trained again.
 
 
+def test_a_record_keeps_numpy_numbers_and_nan_and_wants_its_settings(tmp_path):
+    from benchmarks.compare.runner import load_record, save_record
+
+    record = {"val_accuracy": np.float32(0.5), "steps": np.int64(7), "val_loss": math.nan}
+    save_record(str(tmp_path / "run"), "key", record)
+    back = load_record(str(tmp_path / "run"), "key")
+    assert back["val_accuracy"] == 0.5 and back["steps"] == 7 and math.isnan(back["val_loss"])
+    assert load_record(str(tmp_path / "run"), "other key") is None
+    assert load_record(str(tmp_path / "nothing"), "key") is None
+
+
 def test_epoch_rule_and_time_one_print_no_result(tmp_path, fake_training, capsys):
     argv = _argv(tmp_path, "--epoch-rule")
     assert compare.main(argv) == 0

@@ -44,7 +44,8 @@ def save_record(workdir: str, key: str, record: dict[str, Any]) -> None:
     path = os.path.join(workdir, RECORD_FILE)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({"config_key": key, "record": record}, f)
+        # NumPy scalars as Python numbers; NaN (a diverged run) is kept as NaN.
+        json.dump({"config_key": key, "record": record}, f, default=lambda x: x.item())
     os.replace(tmp, path)
 
 
