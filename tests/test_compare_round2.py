@@ -276,7 +276,7 @@ def test_a_worker_trains_the_cells_it_claims(tmp_path, fake_training, monkeypatc
     def popen(argv, env):  # The workers, one after the other in this process.
         launched.append(env["XLA_FLAGS"])
         code = pool.worker(argv[-2], int(argv[-1]))
-        return type("Done", (), {"wait": lambda self: code})()
+        return type("Done", (), {"wait": lambda self: code, "poll": lambda self: code})()
 
     monkeypatch.setattr(pool.subprocess, "Popen", popen)
     workload = compare.SUITES["digits"][0]

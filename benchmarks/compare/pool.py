@@ -77,12 +77,17 @@ def run_in_workers(
     flags = " ".join(filter(None, (os.environ.get("XLA_FLAGS", ""), ONE_THREAD)))
     env = dict(os.environ, XLA_FLAGS=flags)
     print(f"training {len(tasks)} cells in {jobs} processes", flush=True)
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "benchmarks.compare.pool", path, str(i)], env=env)
-        for i in range(jobs)
-    ]
-    codes = [p.wait() for p in procs]
-    shutil.rmtree(claims, ignore_errors=True)
+    procs = []
+    try:
+        for i in range(jobs):
+            argv = [sys.executable, "-m", "benchmarks.compare.pool", path, str(i)]
+            procs.append(subprocess.Popen(argv, env=env))
+        codes = [p.wait() for p in procs]
+    finally:  # Stopped (Ctrl-C): the workers stop too; their finished runs stay recorded.
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        shutil.rmtree(claims, ignore_errors=True)
     failed = [i for i, code in enumerate(codes) if code]
     if failed:
         print(f"workers {failed} failed (exit {[codes[i] for i in failed]}); their cells are "
