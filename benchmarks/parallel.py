@@ -38,6 +38,8 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def shard_batch(mesh: Mesh, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
     """Host arrays (this process's part of the global batch) to global arrays sharded on 'data'."""
     sharding = batch_sharding(mesh)
+    if jax.process_count() == 1:  # The whole global batch is here: one transfer for all arrays.
+        return tuple(jax.device_put(arrays, sharding))
     return tuple(jax.make_array_from_process_local_data(sharding, a) for a in arrays)
 
 

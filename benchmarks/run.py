@@ -287,14 +287,15 @@ class _Clock:
 
 
 def _train_epoch(config, task, trainer, epoch, steps_per_epoch, clock) -> dict[str, Any]:
-    """One epoch of steps. Bookkeeping stays on the host: the steps' metrics are fetched in
-    blocks (every ``CHECK_FINITE_EVERY`` steps and at the end) and summed in NumPy, so nothing
-    outside the compiled step runs on the devices. Its steady time (compilation excluded) goes
-    to ``clock``."""
+    """One epoch of steps. Bookkeeping stays on the host: each step's values (one small vector,
+    ``trainer.metric_names``) are fetched in blocks (every ``CHECK_FINITE_EVERY`` steps and at
+    the end) and summed in NumPy, so nothing outside the compiled step runs on the devices. Its
+    steady time (compilation excluded) goes to ``clock``."""
     bar = _progress(steps_per_epoch, epoch, config)
+    names = trainer.metric_names
     t0 = time.perf_counter()
-    fetched: list[dict[str, np.ndarray]] = []
-    pending: list[dict[str, jax.Array]] = []
+    fetched: list[np.ndarray] = []
+    pending: list[jax.Array] = []
     first_bad = None
     compile_before = trainer.compile_time_s
     batches = itertools.islice(task.train_batches(epoch), steps_per_epoch)
@@ -303,12 +304,12 @@ def _train_epoch(config, task, trainer, epoch, steps_per_epoch, clock) -> dict[s
         if bar is not None:
             bar.update(1)
             if step % 10 == 0 and len(pending) > 2:  # A step the devices are likely done with.
-                shown = jax.device_get(pending[-3])
-                bar.set_postfix({k: f"{float(v):.4g}" for k, v in shown.items() if k != "finite"})
+                shown = zip(names, np.asarray(pending[-3]))
+                bar.set_postfix({k: f"{v:.4g}" for k, v in shown if k != "finite"})
         if (step + 1) % CHECK_FINITE_EVERY == 0:
             fetched += jax.device_get(pending)
             pending = []
-            first_bad = _first_bad(fetched)
+            first_bad = _first_bad(fetched, names)
             if first_bad is not None:
                 break
     fetched += jax.device_get(pending)  # Waits for the last step.
@@ -317,13 +318,14 @@ def _train_epoch(config, task, trainer, epoch, steps_per_epoch, clock) -> dict[s
     done = len(fetched)
     seconds = time.perf_counter() - t0 - (trainer.compile_time_s - compile_before)
     clock.trained(seconds, done * config.train_bs)
-    sums = {k: float(np.sum([m[k] for m in fetched])) for k in fetched[0]}
+    columns = np.ascontiguousarray(np.stack(fetched).T)  # One row per value, one column per step.
+    sums = {k: float(np.sum(column)) for k, column in zip(names, columns)}
     counted = max(sums.pop("counted"), 1.0)
     train = {
         "train_loss": sums.pop("loss") / counted,
         "train_accuracy": sums.pop("accuracy") / max(done, 1),
         "train_time_s": time.perf_counter() - t0,
-        "first_bad_step": _first_bad(fetched),
+        "first_bad_step": _first_bad(fetched, names),
     }
     sums.pop("finite")
     train.update({k: v / max(done, 1) for k, v in sums.items()})  # Logged values.
@@ -332,8 +334,9 @@ def _train_epoch(config, task, trainer, epoch, steps_per_epoch, clock) -> dict[s
     return train
 
 
-def _first_bad(fetched: list[dict[str, np.ndarray]]) -> int | None:
-    bad = [i for i, m in enumerate(fetched) if not bool(m["finite"])]
+def _first_bad(fetched: list[np.ndarray], names: tuple[str, ...]) -> int | None:
+    finite = names.index("finite")
+    bad = [i for i, m in enumerate(fetched) if not m[finite]]
     return bad[0] if bad else None
 
 

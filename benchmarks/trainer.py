@@ -79,8 +79,15 @@ def _forward(model: nnx.Module, x: jax.Array, dtype: str) -> jax.Array:
     return logits
 
 
-def _train_step(state, x, y, *, graphdef, settings: Settings, shardings):
-    model, optimizer = nnx.merge(graphdef, state)
+def metric_names(settings: Settings) -> tuple[str, ...]:
+    """The names of the values a train step returns, in their order (``Trainer.train_step``)."""
+    return ("loss", "accuracy", "finite", "counted", *settings.logged)
+
+
+def _train_step(leaves, x, y, *, graphdef, treedef, settings: Settings, shardings):
+    """One step on the state's leaves (flat, so that calling it costs the host no tree of
+    Variables); returns the new leaves and the step's ``metric_names`` as one float32 vector."""
+    model, optimizer = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
 
     def loss_fn(model):
         logits = _forward(model, x, settings.dtype)
@@ -94,19 +101,17 @@ def _train_step(state, x, y, *, graphdef, settings: Settings, shardings):
     finite = _all_finite(nnx.state((model, optimizer)))
     if not settings.skip_nonfinite:
         finite = finite & loss_finite
-    metrics = {
-        "loss": jnp.where(loss_finite, loss, 0.0),
-        "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
-        "finite": finite,
-        "counted": loss_finite.astype(jnp.float32),
-    }
-    for name in settings.logged:
-        metrics[name] = jnp.asarray(optax.tree.get(_pure(optimizer.opt_state), name), jnp.float32)
-    new_state = nnx.state((model, optimizer))
-    new_state = jax.lax.with_sharding_constraint(
-        new_state, jax.tree.unflatten(jax.tree.structure(new_state), shardings)
-    )
-    return new_state, metrics
+    metrics = [
+        jnp.where(loss_finite, loss, 0.0),
+        jnp.mean(jnp.argmax(logits, -1) == y),
+        finite,
+        loss_finite,
+    ]
+    for name in settings.logged:  # A field of several values is logged as their sum.
+        metrics.append(jnp.sum(optax.tree.get(_pure(optimizer.opt_state), name)))
+    new_leaves = jax.tree.leaves(nnx.state((model, optimizer)))
+    new_leaves = jax.lax.with_sharding_constraint(new_leaves, list(shardings))
+    return new_leaves, jnp.stack([jnp.asarray(m, jnp.float32) for m in metrics])
 
 
 def _eval_step(state, x, y, mask, *, graphdef, settings: Settings):
@@ -127,7 +132,7 @@ def _eval_step(state, x, y, mask, *, graphdef, settings: Settings):
     }
 
 
-_STATICS = ("graphdef", "settings", "shardings")
+_STATICS = ("graphdef", "treedef", "settings", "shardings")
 _TRAIN = jax.jit(_train_step, static_argnames=_STATICS, donate_argnums=0)
 _EVAL = jax.jit(_eval_step, static_argnames=("graphdef", "settings"))
 _COMPILED: dict[Any, Any] = {}  # (step, statics, argument types) -> compiled executable.
@@ -235,26 +240,49 @@ class Trainer:
             init = jax.jit(lambda seed: nnx.split(build(seed))[1])
             if key:
                 _INITS[key] = init
+        self.metric_names = metric_names(self.settings)
         # Computed once on one device, then placed (replicated or split) on the mesh.
-        self.state = jax.device_put(init(np.uint32(config.seed)), sharding)
-        jax.block_until_ready(self.state)
+        state = jax.device_put(init(np.uint32(config.seed)), sharding)
+        self._leaves, self._treedef = jax.tree.flatten(state)
+        jax.block_until_ready(self._leaves)
         self.init_time_s = time.perf_counter() - t0  # Its compilation included.
         self.compile_time_s = 0.0  # The steps' compilations, counted as they happen.
         self._train_steps: dict[Any, Any] = {}  # Batch types -> compiled step.
 
-    def train_step(self, x: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
-        """One step on a global batch already on the devices (``parallel.shard_batch``)."""
-        key = (x.shape, x.dtype, y.shape, y.dtype)  # The state's types never change.
-        step = self._train_steps.get(key)
-        if step is None:
-            statics = dict(
-                graphdef=self.graphdef_train, settings=self.settings, shardings=self.shardings
+    @property
+    def state(self) -> Any:
+        """Model and optimizer state (an ``nnx.State``); kept as its flat leaves between steps."""
+        return jax.tree.unflatten(self._treedef, self._leaves)
+
+    @state.setter
+    def state(self, state: Any) -> None:
+        leaves, treedef = jax.tree.flatten(state)
+        if treedef != self._treedef:
+            raise ValueError(
+                f"a state of another structure than the run's model and optimizer: {treedef}"
             )
-            step, seconds = _compiled(_TRAIN, (self.state, x, y), statics)
-            self.compile_time_s += seconds
-            self._train_steps[key] = step
-        self.state, metrics = step(self.state, x, y)
+        self._leaves = leaves
+
+    def train_step(self, x: jax.Array, y: jax.Array) -> jax.Array:
+        """One step on a global batch already on the devices (``parallel.shard_batch``); returns
+        the step's values named by ``metric_names``, as one vector on the devices."""
+        step = self._train_steps.get((x.shape, x.dtype, y.shape, y.dtype))  # State: fixed types.
+        if step is None:
+            step = self._compile_train_step(x, y)
+        self._leaves, metrics = step(self._leaves, x, y)
         return metrics
+
+    def _compile_train_step(self, x: jax.Array, y: jax.Array) -> Any:
+        statics = dict(
+            graphdef=self.graphdef_train,
+            treedef=self._treedef,
+            settings=self.settings,
+            shardings=self.shardings,
+        )
+        step, seconds = _compiled(_TRAIN, (self._leaves, x, y), statics)
+        self.compile_time_s += seconds
+        self._train_steps[(x.shape, x.dtype, y.shape, y.dtype)] = step
+        return step
 
     def evaluate(self, task: Task) -> dict[str, float]:
         """Loss and accuracy over the task's evaluation set (host floats)."""
