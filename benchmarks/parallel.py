@@ -47,11 +47,13 @@ def prefetch_to_device(
     mesh: Mesh, batches: Iterator[tuple[np.ndarray, ...]], size: int | None = None
 ):
     """Shards the next ``size`` batches onto the devices while the current step runs (default:
-    2 on accelerators; none on CPU, where the copies would take the cores the step runs on)."""
+    2 on accelerators; none on CPU, where the copies would take the cores the step runs on).
+    With ``size`` 0 the batches stay on the host as they are: ``Trainer.train_step`` places
+    each one with its step."""
     if size is None:
         size = 0 if mesh.devices.flat[0].platform == "cpu" else 2
     if size == 0:
-        yield from (shard_batch(mesh, *batch) for batch in batches)
+        yield from batches
         return
     queue: collections.deque = collections.deque()
     for batch in batches:

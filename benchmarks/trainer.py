@@ -241,6 +241,7 @@ class Trainer:
             if key:
                 _INITS[key] = init
         self.metric_names = metric_names(self.settings)
+        self._local_parts = jax.process_count() > 1  # A host batch is this process's part.
         # Computed once on one device, then placed (replicated or split) on the mesh.
         state = jax.device_put(init(np.uint32(config.seed)), sharding)
         self._leaves, self._treedef = jax.tree.flatten(state)
@@ -263,16 +264,27 @@ class Trainer:
             )
         self._leaves = leaves
 
-    def train_step(self, x: jax.Array, y: jax.Array) -> jax.Array:
-        """One step on a global batch already on the devices (``parallel.shard_batch``); returns
-        the step's values named by ``metric_names``, as one vector on the devices."""
+    def train_step(self, x: np.ndarray | jax.Array, y: np.ndarray | jax.Array) -> jax.Array:
+        """One step on a global batch: this process's part of it on the host (NumPy), or the
+        whole of it already on the devices (``parallel.shard_batch``). Returns the step's values
+        named by ``metric_names``, as one vector on the devices.
+
+        In a single process the host arrays go to the devices within the step's own call (its
+        compiled program places them by its batch sharding), the cheapest way on the host."""
+        if self._local_parts and not isinstance(x, jax.Array):  # Each process holds a part.
+            x, y = parallel.shard_batch(self.mesh, x, y)
         step = self._train_steps.get((x.shape, x.dtype, y.shape, y.dtype))  # State: fixed types.
         if step is None:
             step = self._compile_train_step(x, y)
         self._leaves, metrics = step(self._leaves, x, y)
         return metrics
 
-    def _compile_train_step(self, x: jax.Array, y: jax.Array) -> Any:
+    def _compile_train_step(self, x: np.ndarray | jax.Array, y: np.ndarray | jax.Array) -> Any:
+        """The train step compiled for global batches of ``x``'s and ``y``'s types, split over
+        the mesh's data axis (host arrays of those types are accepted too)."""
+        key = (x.shape, x.dtype, y.shape, y.dtype)
+        if not isinstance(x, jax.Array):
+            x, y = parallel.shard_batch(self.mesh, x, y)
         statics = dict(
             graphdef=self.graphdef_train,
             treedef=self._treedef,
@@ -281,7 +293,7 @@ class Trainer:
         )
         step, seconds = _compiled(_TRAIN, (self._leaves, x, y), statics)
         self.compile_time_s += seconds
-        self._train_steps[(x.shape, x.dtype, y.shape, y.dtype)] = step
+        self._train_steps[key] = step
         return step
 
     def evaluate(self, task: Task) -> dict[str, float]:
