@@ -276,8 +276,9 @@ class _Clock:
         self.trained_since_save = 0.0
 
     def summary(self, config: Config, trainer: Trainer) -> dict[str, Any]:
+        steady = self.examples and self.train_s > 0  # None when only warm-up steps ran.
         return {
-            "images_per_second": self.examples / self.train_s if self.train_s else None,
+            "images_per_second": self.examples / self.train_s if steady else None,
             "compile_time_s": trainer.compile_time_s,
             "init_time_s": trainer.init_time_s,
             "train_time_s": self.train_s,
@@ -290,14 +291,15 @@ def _train_epoch(config, task, trainer, epoch, steps_per_epoch, clock) -> dict[s
     """One epoch of steps. Bookkeeping stays on the host: each step's values (one small vector,
     ``trainer.metric_names``) are fetched in blocks (every ``CHECK_FINITE_EVERY`` steps and at
     the end) and summed in NumPy, so nothing outside the compiled step runs on the devices. Its
-    steady time (compilation excluded) goes to ``clock``."""
+    steady time and examples (compilation and the warm-up step after it excluded) go to
+    ``clock``."""
     bar = _progress(steps_per_epoch, epoch, config)
     names = trainer.metric_names
     t0 = time.perf_counter()
     fetched: list[np.ndarray] = []
     pending: list[jax.Array] = []
     first_bad = None
-    compile_before = trainer.compile_time_s
+    compile_before, warmup_before = trainer.compile_time_s, trainer.warmup_steps
     batches = itertools.islice(task.train_batches(epoch), steps_per_epoch)
     for step, (x, y) in enumerate(parallel.prefetch_to_device(trainer.mesh, batches)):
         pending.append(trainer.train_step(x, y))
@@ -317,7 +319,7 @@ def _train_epoch(config, task, trainer, epoch, steps_per_epoch, clock) -> dict[s
         bar.close()
     done = len(fetched)
     seconds = time.perf_counter() - t0 - (trainer.compile_time_s - compile_before)
-    clock.trained(seconds, done * config.train_bs)
+    clock.trained(seconds, (done - (trainer.warmup_steps - warmup_before)) * config.train_bs)
     columns = np.ascontiguousarray(np.stack(fetched).T)  # One row per value, one column per step.
     sums = {k: float(np.sum(column)) for k, column in zip(names, columns)}
     counted = max(sums.pop("counted"), 1.0)

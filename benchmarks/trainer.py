@@ -247,7 +247,11 @@ class Trainer:
         self._leaves, self._treedef = jax.tree.flatten(state)
         jax.block_until_ready(self._leaves)
         self.init_time_s = time.perf_counter() - t0  # Its compilation included.
-        self.compile_time_s = 0.0  # The steps' compilations, counted as they happen.
+        # The steps' compilations, counted as they happen, with the first run of each compiled
+        # train step (XLA sets a new program up on its first run: on CPU that run can take as long
+        # as a hundred steps); those steps are counted in warmup_steps, not as steady training.
+        self.compile_time_s = 0.0
+        self.warmup_steps = 0
         self._train_steps: dict[Any, Any] = {}  # Batch types -> compiled step.
 
     @property
@@ -274,8 +278,14 @@ class Trainer:
         if self._local_parts and not isinstance(x, jax.Array):  # Each process holds a part.
             x, y = parallel.shard_batch(self.mesh, x, y)
         step = self._train_steps.get((x.shape, x.dtype, y.shape, y.dtype))  # State: fixed types.
-        if step is None:
+        if step is None:  # Compiled, then run once to its end: warm-up, apart from training.
+            t0 = time.perf_counter()
             step = self._compile_train_step(x, y)
+            self._leaves, metrics = step(self._leaves, x, y)
+            jax.block_until_ready(metrics)
+            self.compile_time_s += time.perf_counter() - t0
+            self.warmup_steps += 1
+            return metrics
         self._leaves, metrics = step(self._leaves, x, y)
         return metrics
 
@@ -291,8 +301,7 @@ class Trainer:
             settings=self.settings,
             shardings=self.shardings,
         )
-        step, seconds = _compiled(_TRAIN, (self._leaves, x, y), statics)
-        self.compile_time_s += seconds
+        step, _ = _compiled(_TRAIN, (self._leaves, x, y), statics)
         self._train_steps[key] = step
         return step
 
