@@ -26,7 +26,11 @@ def _orthogonal_weight(key: jax.Array, shape: tuple[int, ...], dtype: Any, lay: 
     groups = lay.groups
     base = jax.nn.initializers.orthogonal()
     keys = jax.random.split(key, batch * groups)
-    blocks = jax.vmap(lambda k: base(k, (d_in, d_out // groups), jnp.float32))(keys)
+    # One block at a time (lax.map, not vmap): a batched QR on CPU splits its batch over XLA's
+    # thread pool and waits for the pieces, and in jaxlib 0.10 two such QRs running at once
+    # (two weights of one jitted initialisation) can take every thread of a small pool and
+    # wait for each other forever. An unbatched QR runs on its own thread; the values are the same.
+    blocks = jax.lax.map(lambda k: base(k, (d_in, d_out // groups), jnp.float32), keys)
     # (batch * groups, d_in, d_out/groups) -> (batch, d_in, groups * d_out/groups): groups side by side.
     blocks = blocks.reshape(batch, groups, d_in, d_out // groups).transpose(0, 2, 1, 3)
     w = blocks.reshape([shape[a] for a in order]) * lay.scale

@@ -1,6 +1,7 @@
 """AGD's scaled orthogonal initialisation: every nonzero singular value equals s(W)."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -100,3 +101,18 @@ def test_reinitialize_tree_by_roles():
         jax.random.key(6), {"w": jnp.zeros((4, 12))}, agd_optax.dense(1, 0)
     )
     np.testing.assert_allclose(_singular_values(torch["w"]), math.sqrt(4 / 12), rtol=1e-5)
+
+
+def test_jitted_reinitialize_runs_one_unbatched_qr_at_a_time():
+    """Every QR of a jitted ``reinitialize`` factors one matrix: on CPU, jaxlib 0.10 splits a
+    batched QR over XLA's thread pool and waits for the pieces, and two such QRs of one program
+    running at once could take every thread of a 2-core machine's pool and hang for ever."""
+    params = {f"conv{i}": jnp.zeros((5, 16, 16)) for i in range(3)} | {"out": jnp.zeros((16, 4))}
+    roles = {f"conv{i}": agd_optax.conv() for i in range(3)} | {"out": agd_optax.dense()}
+    lowered = jax.jit(lambda key: agd_optax.reinitialize(key, params, roles)).lower(
+        jax.random.key(0)
+    )
+    calls = re.findall(r"custom_call @(lapack_\w+).*num_batch_dims = \"(\d+)\"", lowered.as_text())
+    assert calls, "no LAPACK call found: the test no longer sees the QRs"
+    for name, batch_dims in calls:
+        assert batch_dims == "0", f"{name} factors a batch of matrices at once"
