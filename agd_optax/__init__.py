@@ -18,11 +18,11 @@ Leaves and their roles
 The step
   ``_checks``        what AGD refuses: bad gains, updates that do not fit the parameters
   ``_sharding``      ``param_specs``: each leaf's mesh axes and global shape inside ``shard_map``
-  ``_plan``          the static plan of a tree's step: per-leaf facts and same-shape groups
+  ``_plan``          the static plan of a tree's step: per-leaf facts (axes, scale, threshold)
   ``_floats``        exact powers of two, exponents, kept-axis sums, eta of G
-  ``_rescale``       the guard's slow path: norms of gradients rescaled by powers of two
+  ``_rescale``       the rescaled pass: the powers of two that keep every sum of squares exact
   ``_step``          the step kernel every AGD transformation calls: prologue (``prepare``),
-                     norms and guard (``measure``), ``step_size``, ``normalise``, ``agd_step``
+                     norms and their guard (``measure``), ``step_size``, ``normalise``, ``agd_step``
 
 The optimizers
   ``_agd``           ``scale_by_agd``, ``agd`` and their state

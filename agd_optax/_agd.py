@@ -66,8 +66,8 @@ def scale_by_agd(
     the widest parameter dtype, e.g. float64); updates are returned in each gradient's dtype. Any
     finite, non-zero gradient moves its layer by this step, from the smallest normal numbers to
     the largest: when a squared norm overflows (float32 gradients from about 1e19) or underflows
-    (gradients below about 1e-19), the norms are taken on gradients rescaled by powers of two (in
-    one branch for the whole tree, taken only then); eta is formed without cancellation, so a
+    (gradients below about 1e-19), the norms are taken again on gradients rescaled by powers of
+    two (one more pass for the whole tree, made only then); eta is formed without cancellation, so a
     tiny G gives eta = G rather than 0; and a G beyond the dtype's range is reported as Inf with
     eta = log(G) / 2 computed from the rescaled sum.
 

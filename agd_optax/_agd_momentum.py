@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
 
 from agd_optax._checks import check_gain
 from agd_optax._plan import Plan
@@ -40,13 +41,18 @@ class AGDMomentumState(NamedTuple):
 def _momentum_step(grads, momentum, decay, plan: Plan, acc):
     """(updates without gain, the new average, eta, G): eta and G from the gradient's norms,
     each leaf's direction from the average's."""
-    average = [
-        (decay[0] * m.astype(acc) + decay[1] * g.astype(acc)).astype(m.dtype)
-        for m, g in zip(momentum, grads)
-    ]
-    step = measure(grads, plan, acc)  # Only its eta and G are used: XLA drops the rest.
-    updates = normalise(average, measure(average, plan, acc), step.eta, plan, acc)
-    return updates, average, step.eta, step.G
+    weights: dict[tuple, tuple[jax.Array, jax.Array]] = {}  # Broadcast once per shape.
+    average = []
+    for m, g in zip(momentum, grads):
+        if m.shape not in weights:
+            weights[m.shape] = tuple(
+                lax.broadcast_in_dim(jnp.asarray(d, acc), m.shape, ()) for d in decay
+            )
+        old, new = weights[m.shape]
+        mixed = old * lax.convert_element_type(m, acc) + new * lax.convert_element_type(g, acc)
+        average.append(lax.convert_element_type(mixed, m.dtype))
+    norms = measure(average, plan, acc, step_leaves=grads)
+    return normalise(average, norms, norms.eta, plan, acc), average, norms.eta, norms.G
 
 
 def scale_by_agd_momentum(

@@ -9,13 +9,24 @@ leaf, and what it traces per leaf is what XLA compiles per leaf.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["LARGE_G_LOG2", "eta_of", "exponents", "pow2", "safe_inverse", "sum_keep", "max_keep"]
+__all__ = [
+    "LARGE_G_LOG2",
+    "Constants",
+    "eta_of",
+    "exponents",
+    "exponents_of_inverse",
+    "max_keep",
+    "pow2",
+    "safe_inverse",
+    "sum_keep",
+]
 
 # Above this G, eta is computed as log(G) / 2: they differ by about 1 / (2 sqrt(G)) = 2**-51,
 # and sqrt(4 G) would overflow float32 near G = 8.5e37.
@@ -53,6 +64,13 @@ def exponents(m: jax.Array) -> jax.Array:
     return lax.clamp(np.int32(info.minexp + 1), k, np.int32(info.maxexp - 2))
 
 
+def exponents_of_inverse(c: jax.Array) -> jax.Array:
+    """int32 ``k`` of a normal power of two ``c = 2**-k``."""
+    ints, mantissa, bias = _bits(c.dtype)
+    biased = lax.shift_right_logical(lax.bitcast_convert_type(c, ints), ints.type(mantissa))
+    return np.int32(bias) - lax.convert_element_type(biased, np.int32)
+
+
 def safe_inverse(x: jax.Array) -> jax.Array:
     """1/x where x > 0 and 0 where x == 0: a zero gradient gives a zero update, never NaN."""
     positive = x > 0
@@ -73,3 +91,21 @@ def sum_keep(x: jax.Array, axes: Sequence[int]) -> jax.Array:
 def max_keep(x: jax.Array, axes: Sequence[int]) -> jax.Array:
     """The maximum over ``axes``, kept as size-1 axes."""
     return _keep(lax.reduce_max(x, tuple(axes)), axes) if axes else x
+
+
+class Constants:
+    """Constants made once in a trace and shared by every leaf that uses them: each would
+    otherwise be an operation of its own per leaf, and what XLA takes to compile the update
+    grows with its operations."""
+
+    def __init__(self) -> None:
+        self._made: dict[tuple, jax.Array] = {}
+
+    def full(self, shape: Sequence[int], value: float | int, dtype: Any) -> jax.Array:
+        key = (tuple(shape), value, np.dtype(dtype))
+        if key not in self._made:
+            self._made[key] = jnp.asarray(np.full(tuple(shape), value, dtype))
+        return self._made[key]
+
+    def scalar(self, value: float | int, dtype: Any) -> jax.Array:
+        return self.full((), value, dtype)

@@ -3,14 +3,22 @@ benchmarks' variants all call.
 
 From flat leaves and their :class:`~agd_optax._plan.Plan`:
 
-1. :func:`measure`: every norm of the step, one sum of squares per group of stacked leaves; one
-   guard (a squared norm that is Inf, or below the smallest value it is exact at) sends the whole
-   tree through the power-of-two rescaled sums of ``_rescale.py`` in one ``lax.cond``;
-2. :func:`step_size`: ``G = (1/L) sum_k s_k N_k`` and ``eta``, formed on the scaled norms so that
-   neither over- nor underflows for any finite gradient;
-3. :func:`normalise`: each leaf's update ``(eta / L) s g / ||g||`` in one elementwise pass.
+1. :func:`measure`: every norm of the step, one sum of squares per leaf, all of them also in one
+   flat vector; one guard (a squared norm that is Inf, or below the smallest value it is exact
+   at) sends the whole tree through the power-of-two rescaled sums of ``_rescale.py`` in one
+   ``lax.cond``, each of whose branches forms the step size on the flat vector
+   (:func:`step_size`: ``G = (1/L) sum_k s_k N_k`` and ``eta``, formed on the scaled norms so
+   that neither over- nor underflows for any finite gradient) and returns each leaf's divisor;
+2. :func:`normalise`: each leaf's update ``(eta / L) s g / ||g||`` in one elementwise pass.
 
-:func:`agd_step` chains the three under ``jax.jit`` (the plan a static argument), so the
+What XLA takes to compile the update grows with its operations and with its distinct kernels, so
+the kernel keeps both few: per leaf, one reduction and one elementwise pass (two reductions more
+in the ``cond``'s rescaling branch) and a handful of operations on its norms, each reading only
+that leaf's arrays, so that the kernels of leaves of one shape are one program that XLA compiles
+once (an operation that read a leaf's part of a vector shared by the tree would be a kernel of
+its own, compiled for each leaf); the step size is formed once, on the flat vector.
+
+:func:`agd_step` chains the two under ``jax.jit`` (the plan a static argument), so the
 un-jitted update of a notebook runs one compiled program, compiled once per tree. :func:`prepare`
 is the update's prologue: the structure check, the mesh axes, the layouts, the accumulation dtype
 and the plan.
@@ -19,6 +27,7 @@ and the plan.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -27,10 +36,10 @@ import numpy as np
 from jax import lax
 
 from agd_optax._checks import check_same_structure
-from agd_optax._floats import LARGE_G_LOG2, eta_of, max_keep, pow2, safe_inverse, sum_keep
+from agd_optax._floats import LARGE_G_LOG2, Constants, eta_of, exponents_of_inverse, pow2
 from agd_optax._layouts import resolve_layouts
 from agd_optax._plan import Plan, make_plan
-from agd_optax._rescale import rescaled_squared_norms, stacked
+from agd_optax._rescale import bounds, scales
 from agd_optax._sharding import global_shapes, mesh_axes_per_leaf
 
 __all__ = [
@@ -55,14 +64,13 @@ class Norms(NamedTuple):
     """What the guard's ``cond`` returns.
 
     Attributes:
-      divisors: per leaf, the norm that divides it (its own, or its owner's whole norm for a
-        bias) as ``r * 2**k``, packed as one array ``[2**-k, 1 / r]`` (a leading axis of 2,
-        then the shape that broadcasts against the leaf; ``1 / 0`` read as 0); every ``k`` is 0
-        on the plain path.
-      eta, G: the step size of these norms.
+      divisors: per leaf, the norms ``sqrt(q) / c`` that divide it (its own, or its owner's
+        whole norms for a bias) as the pair ``(q, c)``, both laid out along the leaf's
+        ``divisor_axes``; every ``c`` is 1 on the plain path.
+      eta, G: the step size.
     """
 
-    divisors: list[jax.Array]
+    divisors: list[tuple[jax.Array, jax.Array]]
     eta: jax.Array
     G: jax.Array
 
@@ -75,156 +83,195 @@ def _pmax(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
     return lax.pmax(x, axes) if axes else x
 
 
-def _flat(xs: list[jax.Array]) -> jax.Array:
-    return jnp.concatenate([x.ravel() for x in xs])
+def _squared_norms(
+    sources: list[list[jax.Array]], cs: list[jax.Array], plan: Plan, acc: np.dtype
+) -> list[jax.Array]:
+    """Each leaf's sums of squares of its entries times ``c``, laid out along its
+    ``kept_axes``; with two sources, of both in one reduction (their sums stacked first)."""
+    sums = []
+    for i, (c, leaf) in enumerate(zip(cs, plan.leaves)):
+        xs = [lax.convert_element_type(src[i], acc) for src in sources]
+        if len(xs) == 1:
+            x, kept, axes = xs[0], leaf.kept_axes, leaf.reduce_axes
+        else:  # The same leaf of each source: one sharding, so stacking them keeps it.
+            x = lax.concatenate([lax.expand_dims(x, (0,)) for x in xs], 0)
+            kept = (0, *(a + 1 for a in leaf.kept_axes))
+            axes = tuple(a + 1 for a in leaf.reduce_axes)
+        x = x * lax.broadcast_in_dim(c, x.shape, kept)
+        sums.append(_psum(lax.reduce_sum(x * x, axes), leaf.reduce_mesh))
+    return sums
 
 
-def _squared_norms(leaves: list[jax.Array], plan: Plan, acc: np.dtype) -> list[jax.Array]:
-    """The plain sums of squares of each group's members, stacked (see ``_rescale.py``)."""
-    out = []
-    for group in plan.groups:
-        sums = []
-        for i in group.members:
-            x = lax.convert_element_type(leaves[i], acc)
-            sums.append(_psum(sum_keep(x * x, group.reduce_axes), group.reduce_mesh))
-        out.append(stacked(sums))
-    return out
+def _flat(xs: list[jax.Array], lead: tuple[int, ...]) -> jax.Array:
+    """Per-leaf arrays of shape ``(*lead, ...)`` as one array ``(*lead, all their entries)``."""
+    m = math.prod(lead)
+    return lax.concatenate([lax.reshape(x, (*lead, x.size // m)) for x in xs], len(lead))
 
 
-def _per_entry(plan: Plan, sums: list[jax.Array], value) -> np.ndarray:
-    """A static flat vector over the groups' norms: ``value(leaf)`` at each member's."""
-    return np.concatenate(
-        [
-            np.repeat([float(value(plan.leaves[i])) for i in group.members], q[0].size)
-            for q, group in zip(sums, plan.groups)
-        ]
-    )
-
-
-def _suspect(sq: list[jax.Array], plan: Plan, acc: np.dtype) -> jax.Array:
-    """Whether a plain squared norm is Inf or below its threshold (then the rescaled path)."""
-    thresholds = _per_entry(plan, sq, lambda leaf: leaf.threshold)
-    flat = _flat(sq)
-    suspect = jnp.any(jnp.isinf(flat) | (flat < jnp.asarray(thresholds, acc)))
+def _suspect(flat: jax.Array, plan: Plan, acc: np.dtype) -> jax.Array:
+    """Whether a plain squared norm (an entry of ``flat``, of shape ``(*lead, entries)``) is
+    Inf or below its threshold (then the rescaled path)."""
+    thresholds = jnp.asarray(plan.per_entry(lambda leaf: leaf.threshold), acc)
+    thresholds = lax.broadcast_in_dim(thresholds, flat.shape, (flat.ndim - 1,))
+    suspect = jnp.any(jnp.isinf(flat) | (flat < thresholds))
     if plan.mesh_axes:  # Every shard takes the same branch, whose collectives they share.
         suspect = lax.pmax(suspect.astype(jnp.int32), plan.mesh_axes) > 0
     return suspect
 
 
-def _whole_norms(
-    q: jax.Array, e: jax.Array | None, leaf, acc: np.dtype
-) -> tuple[jax.Array, jax.Array | None]:
-    """Stacked weights' whole norms (their kernel positions' sums, on a common exponent)."""
-    spatial = tuple(a + 1 for a in leaf.spatial_axes)  # Past the stacking axis.
-    if e is None:
-        return _psum(sum_keep(q, spatial), leaf.spatial_mesh), None
-    top = _pmax(max_keep(e, spatial), leaf.spatial_mesh)
-    whole = sum_keep(q * pow2(2 * (e - top), acc), spatial)
-    return _psum(whole, leaf.spatial_mesh), top
+def _whole_norms(q: jax.Array, c: jax.Array | None, leaf, acc: np.dtype):
+    """A weight's whole norms (its kernel positions' sums, on a common power of two) as
+    ``(q, c)`` (``c`` None on the plain path)."""
+    if c is None:
+        return _psum(lax.reduce_sum(q, leaf.spatial), leaf.spatial_mesh), None
+    k = exponents_of_inverse(c)
+    top = _pmax(lax.reduce_max(k, leaf.spatial), leaf.spatial_mesh)
+    spread = tuple(a for a in range(k.ndim) if a not in leaf.spatial)
+    common = pow2(2 * (k - lax.broadcast_in_dim(top, k.shape, spread)), acc)
+    whole = _psum(lax.reduce_sum(q * common, leaf.spatial), leaf.spatial_mesh)
+    return whole, pow2(-top, acc)
 
 
-def _pack(q: jax.Array, e: jax.Array | None, acc: np.dtype) -> jax.Array:
-    """Norms ``sqrt(q) * 2**e`` (stacked on axis 0) as ``[2**-e, 1 / sqrt(q)]`` on axis 1."""
-    shift = jnp.ones(q.shape, acc) if e is None else pow2(-e, acc)
-    return jnp.stack([shift, safe_inverse(lax.sqrt(q))], axis=1)
+def _divisors(q, cs, plan: Plan, acc: np.dtype) -> list[tuple[jax.Array, jax.Array]]:
+    """Per leaf, its divisor ``(q, c)`` (see :class:`Norms`) from every leaf's norms ``(q, c)``
+    (``cs`` None: every ``c`` 1): its own, or for a bias its owner's whole norms. Each is formed
+    from the leaf's (or its owner's) own arrays."""
+    consts = Constants()
 
+    def whole(o: int) -> tuple[jax.Array, jax.Array]:
+        owner = plan.leaves[o]
+        if not owner.spatial:
+            return own(o)
+        w, c = _whole_norms(q[o], None if cs is None else cs[o], owner, acc)
+        return w, consts.full(w.shape, 1.0, acc) if c is None else c
 
-def _norms(ssq, exp, plan: Plan, acc: np.dtype) -> Norms:
-    """The branches' common end, from the groups' sums (of rescaled squares) and exponents
-    (None: all 0): the divisors formed per group, each leaf's cut from its group's."""
-    packs = [_pack(q, None if exp is None else exp[k], acc) for k, q in enumerate(ssq)]
-    wholes = {}
-    for leaf in plan.leaves:
-        if leaf.owner is None:  # Not a bias.
-            continue
-        k = plan.where[leaf.owner][0]
-        if k in wholes:
-            continue
-        owner = plan.leaves[leaf.owner]
-        if owner.spatial_axes:
-            wholes[k] = _pack(
-                *_whole_norms(ssq[k], None if exp is None else exp[k], owner, acc), acc
-            )
-        else:
-            wholes[k] = packs[k]
+    def own(i: int) -> tuple[jax.Array, jax.Array]:
+        return q[i], consts.full(q[i].shape, 1.0, acc) if cs is None else cs[i]
+
+    wholes: dict[int, tuple[jax.Array, jax.Array]] = {}
     divisors = []
     for i, leaf in enumerate(plan.leaves):
-        if leaf.owner is not None:  # A bias: its owner's whole norms.
-            k, m = plan.where[leaf.owner]
-            divisors.append(wholes[k][m].reshape((2, *leaf.bias_shape)))
-        else:
-            k, m = plan.where[i]
-            divisors.append(packs[k][m])
-    return Norms(divisors, *step_size(ssq, exp, plan, acc))
+        if leaf.owner is None:  # Not a bias.
+            divisors.append(own(i))
+            continue
+        if leaf.owner not in wholes:
+            wholes[leaf.owner] = whole(leaf.owner)
+        divisors.append(wholes[leaf.owner])
+    return divisors
 
 
-def _rescaled(leaves: list[jax.Array], plan: Plan, acc: np.dtype) -> Norms:
-    """The slow branch: the rescaled sums."""
-    return _norms(*rescaled_squared_norms(leaves, plan, acc), plan, acc)
+def measure(
+    leaves: list[jax.Array],
+    plan: Plan,
+    acc: np.dtype,
+    step_leaves: list[jax.Array] | None = None,
+) -> Norms:
+    """The divisors of ``leaves`` and the step size of ``step_leaves`` (default: ``leaves``):
+    from the plain sums of squares or, when one of them is Inf or below its threshold, from the
+    sums rescaled by the powers of two of ``_rescale.py``.
 
-
-def measure(leaves: list[jax.Array], plan: Plan, acc: np.dtype) -> Norms:
-    """Every norm of the step and its step size: from the plain sums of squares or, when one of
-    them is Inf or below its threshold, from the rescaled sums (one ``lax.cond`` for the tree).
-
-    The values taken over the whole tree (the step size) are formed in the branches and only
-    returned: as outputs of the ``cond`` they reach each leaf's pass as plain values, where XLA
-    would otherwise copy their computation into every leaf's kernel.
+    One ``lax.while_loop`` over the tree: its first turn takes the plain sums (every ``c`` 1)
+    and, only when one of them is suspect, sets each norm's ``c`` and takes one more turn,
+    which ends it. So the usual step makes one pass over each leaf, and the passes are
+    compiled once, not once per branch. The step size, formed over the whole tree on one flat
+    vector of every norm, is formed in the loop and only returned: as an output of the loop it
+    reaches each leaf's pass as a plain value, where XLA would otherwise copy its computation
+    into every leaf's kernel. With ``step_leaves``, each leaf's sums of both are taken in one
+    reduction.
     """
-    sq = _squared_norms(leaves, plan, acc)
-    return lax.cond(
-        _suspect(sq, plan, acc),
-        lambda leaves, _: _rescaled(leaves, plan, acc),
-        lambda _, sq: _norms(sq, None, plan, acc),
-        leaves,
-        sq,
+    sources = [leaves] if step_leaves is None else [leaves, step_leaves]
+    lead = () if step_leaves is None else (2,)
+    consts = Constants()
+    bound = {}
+    for leaf in plan.leaves:
+        bound.setdefault(
+            leaf.summed, tuple(consts.scalar(b, acc) for b in bounds(leaf.summed, acc))
+        )
+    lo, hi = (
+        jnp.asarray(plan.per_entry(lambda leaf, j=j: bounds(leaf.summed, acc)[j]), acc)
+        for j in (0, 1)
     )
+    ones = [
+        consts.full((*lead, *(x.shape[a] for a in leaf.kept_axes)), 1.0, acc)
+        for x, leaf in zip(leaves, plan.leaves)
+    ]
+
+    def turn(carry):
+        cs, _, previous, _, _, _, first = carry
+        sums = _squared_norms(sources, cs, plan, acc)
+        flat = _flat(sums, lead)
+        step = flat[-1] if lead else flat
+        k = exponents_of_inverse(scales(previous, lo, hi, consts))
+        eta, G = step_size(step, lax.select(first, jnp.zeros_like(k), k), plan, acc)
+        again = _suspect(flat, plan, acc) & first
+        cs = [
+            lax.select(again, scales(q, *bound[leaf.summed], consts), c)
+            for q, c, leaf in zip(sums, cs, plan.leaves)
+        ]
+        return cs, sums, step, eta, G, again, jnp.zeros((), bool)
+
+    zero = jnp.zeros((), acc)
+    init = (ones, ones, jnp.ones(lo.shape, acc), zero, zero, True, True)
+    cs, sums, _, eta, G, _, _ = lax.while_loop(lambda carry: carry[5], turn, init)
+    if lead:  # The divisors are the first source's.
+        sums, cs = [q[0] for q in sums], [c[0] for c in cs]
+    return Norms(_divisors(sums, cs, plan, acc), eta, G)
 
 
-def step_size(ssq, exp, plan: Plan, acc: np.dtype) -> tuple[jax.Array, jax.Array]:
-    """(eta, G) of the groups' norms ``sqrt(ssq) * 2**exp`` (``exp`` None: all 0).
+def step_size(q, k, plan: Plan, acc: np.dtype) -> tuple[jax.Array, jax.Array]:
+    """(eta, G) of the flat norms ``sqrt(q) * 2**k`` (``k`` None: all 0).
 
     G is formed as ``2**top * sum_k s_k r_k 2**(k - top)``, with ``top`` the largest exponent
     of a weight's norm, so that the sum is finite for finite gradients; a G beyond the dtype's
     range is Inf, and eta is then ``log(G) / 2`` from the scaled sum. The other norms enter as
     0 times themselves: a NaN or Inf in any gradient makes G NaN, and so every update. The work
-    is a few operations on the flat vector of norms and one dot product.
+    is a few operations on the flat vector of norms and one dot product (one per set of mesh
+    axes that the leaves' norms are spread over, inside ``shard_map``).
     """
-    scales = _per_entry(plan, ssq, lambda leaf: leaf.scale * (leaf.kind == "weight"))
-    r = lax.sqrt(_flat(ssq))
-    if exp is None:
+    scales = plan.per_entry(lambda leaf: leaf.scale * (leaf.kind == "weight"))
+    r = lax.sqrt(q)
+    if k is None:
         top = jnp.int32(0)
     else:
-        k = _flat(exp)
         lowest = np.int32(np.finfo(acc).minexp)
         top = _pmax(jnp.max(jnp.where(scales > 0, k, lowest)), plan.mesh_axes)
         r = r * pow2(jnp.where(scales > 0, k - top, 0), acc)
     if plan.mesh_axes:
-        total, offset = jnp.zeros([], acc), 0
-        for q, group in zip(ssq, plan.groups):
-            part = slice(offset, offset + q.size)
+        total = jnp.zeros([], acc)
+        for axes, part in plan.spread().items():
             own = jnp.dot(jnp.asarray(scales[part], acc), r[part]) + 0.0 * jnp.sum(r[part])
-            total, offset = total + _psum(own, group.rest_mesh), offset + q.size
+            total = total + _psum(own, axes)
     else:
         total = jnp.dot(jnp.asarray(scales, acc), r) + 0.0 * jnp.sum(r)
     total = total + 0.0 * total
     mean = total / plan.depth
     G = mean * pow2(top, acc)
-    log_G = jnp.log(mean) + top.astype(acc) * np.log(2.0)
-    return jnp.where(G < 2.0**LARGE_G_LOG2, eta_of(G), 0.5 * log_G), G
+    log_G = jnp.log(mean) + top.astype(acc) * jnp.asarray(np.log(2.0), acc)
+    eta = jnp.where(G < 2.0**LARGE_G_LOG2, eta_of(G), 0.5 * log_G)
+    return eta.astype(acc), G.astype(acc)
 
 
 def normalise(
     leaves: list[jax.Array], norms: Norms, eta: jax.Array, plan: Plan, acc: np.dtype
 ) -> list[jax.Array]:
     """Each leaf's ``(eta / L) s g / ||g||`` in the leaf's dtype, formed as
-    ``(g * 2**-k) * (s * (eta / L) / r)`` for its divisor ``r * 2**k``, so that no factor leaves
-    the range (0 for a zero norm): one elementwise pass per leaf."""
+    ``(g * c) * ((eta / L) s / sqrt(q))`` for its divisor ``sqrt(q) / c``, so that no factor
+    leaves the range (0 for a zero norm): one elementwise pass per leaf, the same kernel for
+    leaves of one shape and scale."""
+    consts = Constants()
     step = eta / plan.depth
+    steps: dict[tuple, jax.Array] = {}
     updates = []
-    for g, d, leaf in zip(leaves, norms.divisors, plan.leaves):
-        shift, factor = d[0], d[1] * (step * leaf.scale)
-        u = (lax.convert_element_type(g, acc) * shift) * factor
+    for g, (q, c), leaf in zip(leaves, norms.divisors, plan.leaves):
+        key = (q.shape, leaf.scale)
+        if key not in steps:  # (eta / L) s, shaped like q, once per shape and scale.
+            steps[key] = lax.broadcast_in_dim(step * leaf.scale, q.shape, ())
+        zeros = consts.full(q.shape, 0.0, acc)
+        inverse = lax.select(lax.gt(q, zeros), lax.rsqrt(q), zeros)
+        factor = inverse * steps[key]
+        dims = leaf.divisor_axes
+        u = lax.convert_element_type(g, acc) * lax.broadcast_in_dim(c, g.shape, dims)
+        u = u * lax.broadcast_in_dim(factor, g.shape, dims)
         updates.append(lax.convert_element_type(u, g.dtype))
     return updates
 
@@ -251,7 +298,6 @@ def plan_of(
     return make_plan(
         layouts,
         shapes,
-        [(np.dtype(x.dtype), getattr(jax.typeof(x), "sharding", None)) for x in leaves],
         shapes if global_leaves is None else [tuple(x.shape) for x in global_leaves],
         mesh_axes,
         acc,

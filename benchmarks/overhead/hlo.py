@@ -22,18 +22,37 @@ def _elements(shape: str) -> int:
     return math.prod(dims)
 
 
+def _computations(hlo_text: str) -> tuple[str, dict[str, list[str]]]:
+    """The entry computation's name and every computation's instruction lines, by name."""
+    out: dict[str, list[str]] = {}
+    entry = None
+    for block in re.split(r"\n(?=ENTRY |%)", hlo_text):
+        header = re.match(r"(ENTRY )?%?([\w.\-]+) ", block)
+        if not header or "{" not in block.split("\n", 1)[0]:
+            continue
+        out[header.group(2)] = block.split("\n}", 1)[0].splitlines()[1:]
+        if header.group(1):
+            entry = header.group(2)
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+    return entry, out
+
+
 def fusion_counts(hlo_text: str, min_leaf: int) -> dict[str, int]:
-    """Counts the kernels of a compiled module's entry computation.
+    """Counts the kernels of a compiled module's entry computation and of the bodies of its
+    loops (``while``), where the step's passes over the leaves may run.
 
     A fusion reading an array of at least ``min_leaf`` elements is a pass over a leaf: an
     *elementwise* pass if it writes as many elements as it reads, a *reduction* pass otherwise.
-    Other fusions work on norms and scalars (``small``). ``other`` counts the entry's remaining
-    operations (copies, custom calls) besides parameters, constants, tuples and bitcasts.
+    Other fusions work on norms and scalars (``small``). ``other`` counts the remaining
+    operations (copies, custom calls, loops) besides parameters, constants, tuples and bitcasts.
     """
-    start = hlo_text.find("\nENTRY")
-    if start < 0:
-        raise ValueError("no ENTRY computation in the HLO text")
-    body = hlo_text[start:].split("\n}", 1)[0].splitlines()[1:]
+    entry, computations = _computations(hlo_text)
+    body, pending = [], [entry]
+    while pending:
+        lines = computations.get(pending.pop(), [])
+        body += lines
+        pending += [m.group(1) for line in lines for m in re.finditer(r"body=%([\w.\-]+)", line)]
     sizes: dict[str, int] = {}
     counts = collections.Counter()
     for line in body:
