@@ -132,11 +132,14 @@ def _whole_norms(q: jax.Array, c: jax.Array | None, leaf, acc: np.dtype):
     return whole, pow2(-top, acc)
 
 
-def _divisors(q, cs, plan: Plan, acc: np.dtype) -> list[tuple[jax.Array, jax.Array]]:
+def _divisors(q, cs, plan: Plan, acc: np.dtype, first: bool = False):
     """Per leaf, its divisor ``(q, c)`` (see :class:`Norms`) from every leaf's norms ``(q, c)``
-    (``cs`` None: every ``c`` 1): its own, or for a bias its owner's whole norms. Each is formed
-    from the leaf's (or its owner's) own arrays."""
+    (``cs`` None: every ``c`` 1; ``first``: the norms of the first of stacked sources): its
+    own, or for a bias its owner's whole norms (the same arrays for every bias of one owner).
+    Each is formed from the leaf's (or its owner's) own arrays."""
     consts = Constants()
+    if first:
+        q, cs = _Firsts(q), _Firsts(cs)
 
     def whole(o: int) -> tuple[jax.Array, jax.Array]:
         owner = plan.leaves[o]
@@ -148,16 +151,37 @@ def _divisors(q, cs, plan: Plan, acc: np.dtype) -> list[tuple[jax.Array, jax.Arr
     def own(i: int) -> tuple[jax.Array, jax.Array]:
         return q[i], consts.full(q[i].shape, 1.0, acc) if cs is None else cs[i]
 
+    owns: dict[int, tuple[jax.Array, jax.Array]] = {}
     wholes: dict[int, tuple[jax.Array, jax.Array]] = {}
     divisors = []
     for i, leaf in enumerate(plan.leaves):
         if leaf.owner is None:  # Not a bias.
-            divisors.append(own(i))
+            if i not in owns:
+                owns[i] = own(i)
+            divisors.append(owns[i])
             continue
         if leaf.owner not in wholes:
-            wholes[leaf.owner] = whole(leaf.owner)
+            owner = plan.leaves[leaf.owner]
+            if owner.spatial:
+                wholes[leaf.owner] = whole(leaf.owner)
+            else:
+                wholes[leaf.owner] = owns.setdefault(leaf.owner, own(leaf.owner))
         divisors.append(wholes[leaf.owner])
     return divisors
+
+
+class _Firsts:
+    """Index ``i``: entry 0 of the leading axis of ``arrays[i]``, taken only where used."""
+
+    def __init__(self, arrays: list[jax.Array]) -> None:
+        self.arrays = arrays
+        self.taken: dict[int, jax.Array] = {}
+
+    def __getitem__(self, i: int) -> jax.Array:
+        if i not in self.taken:
+            x = self.arrays[i]
+            self.taken[i] = lax.reshape(lax.slice_in_dim(x, 0, 1), x.shape[1:])
+        return self.taken[i]
 
 
 def measure(
@@ -182,11 +206,11 @@ def measure(
     sources = [leaves] if step_leaves is None else [leaves, step_leaves]
     lead = () if step_leaves is None else (2,)
     consts = Constants()
-    bound = {}
-    for leaf in plan.leaves:
-        bound.setdefault(
-            leaf.summed, tuple(consts.scalar(b, acc) for b in bounds(leaf.summed, acc))
-        )
+
+    def clamped(q, leaf):  # Its bounds shaped like q, once per shape and length of the sums.
+        lo, hi = bounds(leaf.summed, acc)
+        return scales(q, consts.full(q.shape, lo, acc), consts.full(q.shape, hi, acc), consts)
+
     lo, hi = (
         jnp.asarray(plan.per_entry(lambda leaf, j=j: bounds(leaf.summed, acc)[j]), acc)
         for j in (0, 1)
@@ -204,18 +228,13 @@ def measure(
         k = exponents_of_inverse(scales(previous, lo, hi, consts))
         eta, G = step_size(step, lax.select(first, jnp.zeros_like(k), k), plan, acc)
         again = _suspect(flat, plan, acc) & first
-        cs = [
-            lax.select(again, scales(q, *bound[leaf.summed], consts), c)
-            for q, c, leaf in zip(sums, cs, plan.leaves)
-        ]
+        cs = [lax.select(again, clamped(q, leaf), c) for q, c, leaf in zip(sums, cs, plan.leaves)]
         return cs, sums, step, eta, G, again, jnp.zeros((), bool)
 
     zero = jnp.zeros((), acc)
     init = (ones, ones, jnp.ones(lo.shape, acc), zero, zero, True, True)
     cs, sums, _, eta, G, _, _ = lax.while_loop(lambda carry: carry[5], turn, init)
-    if lead:  # The divisors are the first source's.
-        sums, cs = [q[0] for q in sums], [c[0] for c in cs]
-    return Norms(_divisors(sums, cs, plan, acc), eta, G)
+    return Norms(_divisors(sums, cs, plan, acc, first=bool(lead)), eta, G)
 
 
 def step_size(q, k, plan: Plan, acc: np.dtype) -> tuple[jax.Array, jax.Array]:
@@ -261,14 +280,17 @@ def normalise(
     consts = Constants()
     step = eta / plan.depth
     steps: dict[tuple, jax.Array] = {}
+    factors: dict[tuple, jax.Array] = {}  # A weight's and its bias's are one.
     updates = []
     for g, (q, c), leaf in zip(leaves, norms.divisors, plan.leaves):
         key = (q.shape, leaf.scale)
         if key not in steps:  # (eta / L) s, shaped like q, once per shape and scale.
             steps[key] = lax.broadcast_in_dim(step * leaf.scale, q.shape, ())
-        zeros = consts.full(q.shape, 0.0, acc)
-        inverse = lax.select(lax.gt(q, zeros), lax.rsqrt(q), zeros)
-        factor = inverse * steps[key]
+        if (id(q), leaf.scale) not in factors:
+            zeros = consts.full(q.shape, 0.0, acc)
+            inverse = lax.select(lax.gt(q, zeros), lax.rsqrt(q), zeros)
+            factors[id(q), leaf.scale] = inverse * steps[key]
+        factor = factors[id(q), leaf.scale]
         dims = leaf.divisor_axes
         u = lax.convert_element_type(g, acc) * lax.broadcast_in_dim(c, g.shape, dims)
         u = u * lax.broadcast_in_dim(factor, g.shape, dims)
