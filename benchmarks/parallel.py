@@ -38,9 +38,14 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def shard_batch(mesh: Mesh, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
     """Host arrays (this process's part of the global batch) to global arrays sharded on 'data'."""
     sharding = batch_sharding(mesh)
-    if jax.process_count() == 1:  # The whole global batch is here: one transfer for all arrays.
+    if one_device(mesh):  # One transfer for all the arrays.
         return tuple(jax.device_put(arrays, sharding))
     return tuple(jax.make_array_from_process_local_data(sharding, a) for a in arrays)
+
+
+def one_device(mesh: Mesh) -> bool:
+    """Whether ``mesh`` is one device of a single process (no collectives, no other parts)."""
+    return mesh.devices.size == 1 and jax.process_count() == 1
 
 
 def prefetch_to_device(
@@ -48,12 +53,15 @@ def prefetch_to_device(
 ):
     """Shards the next ``size`` batches onto the devices while the current step runs (default:
     2 on accelerators; none on CPU, where the copies would take the cores the step runs on).
-    With ``size`` 0 the batches stay on the host as they are: ``Trainer.train_step`` places
-    each one with its step."""
+    On a single CPU device the batches stay on the host as they are: ``Trainer.train_step``
+    passes each one to its step's call, which places it (the cheapest way on the host)."""
     if size is None:
         size = 0 if mesh.devices.flat[0].platform == "cpu" else 2
     if size == 0:
-        yield from batches
+        if one_device(mesh):
+            yield from batches
+        else:
+            yield from (shard_batch(mesh, *batch) for batch in batches)
         return
     queue: collections.deque = collections.deque()
     for batch in batches:

@@ -5,7 +5,8 @@ scaled orthogonal initialisation (and the weights an AGD rule re-reads) replaces
 that function, so Flax's own draws for those weights are dead code XLA removes, and the optimizer
 state is created beside it. The steps are module-level functions compiled ahead of time once per
 process for each model, setting and batch shape (``_compiled``), so a suite of runs in one process
-compiles each distinct step once; the seconds spent compiling are counted apart from training.
+compiles each distinct step once; the seconds spent compiling (and running each newly compiled
+train step for the first time) are counted apart from training.
 """
 
 from __future__ import annotations
@@ -241,7 +242,7 @@ class Trainer:
             if key:
                 _INITS[key] = init
         self.metric_names = metric_names(self.settings)
-        self._local_parts = jax.process_count() > 1  # A host batch is this process's part.
+        self._host_batches = parallel.one_device(mesh)  # Host batches passed to the step's call.
         # Computed once on one device, then placed (replicated or split) on the mesh.
         state = jax.device_put(init(np.uint32(config.seed)), sharding)
         self._leaves, self._treedef = jax.tree.flatten(state)
@@ -273,9 +274,11 @@ class Trainer:
         whole of it already on the devices (``parallel.shard_batch``). Returns the step's values
         named by ``metric_names``, as one vector on the devices.
 
-        In a single process the host arrays go to the devices within the step's own call (its
-        compiled program places them by its batch sharding), the cheapest way on the host."""
-        if self._local_parts and not isinstance(x, jax.Array):  # Each process holds a part.
+        On a mesh of one device the host arrays go to the device within the step's own call (the
+        cheapest way on the host); on several devices they are placed first, then the step runs
+        (on CPU, a step whose call also split the batch over 8 devices could leave its
+        all-reduce waiting for devices that never started, until XLA aborted the process)."""
+        if not (self._host_batches or isinstance(x, jax.Array)):
             x, y = parallel.shard_batch(self.mesh, x, y)
         step = self._train_steps.get((x.shape, x.dtype, y.shape, y.dtype))  # State: fixed types.
         if step is None:  # Compiled, then run once to its end: warm-up, apart from training.

@@ -4,8 +4,9 @@
    against ``minimal_digits.py`` doing the same job, in interleaved rounds; the main command
    both with its cache folder warm (the usual case: datasets and compiled programs cached) and
    cold (an empty cache folder, as on a user's first run).
-2. Steady-state training throughput of ``train_and_evaluate`` (its ``images_per_second``,
-   compilation excluded) against a plain jitted loop over the same model, optimizer and batches.
+2. Steady-state training throughput of ``train_and_evaluate`` (its ``images_per_second``:
+   compilation and each compiled step's first run excluded, as the plain loop leaves out its
+   first step) against a plain jitted loop over the same model, optimizer and batches.
 """
 
 from __future__ import annotations
