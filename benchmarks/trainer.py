@@ -275,9 +275,8 @@ class Trainer:
         named by ``metric_names``, as one vector on the devices.
 
         On a mesh of one device the host arrays go to the device within the step's own call (the
-        cheapest way on the host); on several devices they are placed first, then the step runs
-        (on CPU, a step whose call also split the batch over 8 devices could leave its
-        all-reduce waiting for devices that never started, until XLA aborted the process)."""
+        cheapest way on the host); on several devices they are placed first
+        (``parallel.shard_batch``), then the step runs."""
         if not (self._host_batches or isinstance(x, jax.Array)):
             x, y = parallel.shard_batch(self.mesh, x, y)
         step = self._train_steps.get((x.shape, x.dtype, y.shape, y.dtype))  # State: fixed types.
