@@ -41,7 +41,7 @@ class AGDMomentumState(NamedTuple):
 def _momentum_step(grads, momentum, decay, plan: Plan, acc):
     """(updates without gain, the new average, eta, G): eta and G from the gradient's norms,
     each leaf's direction from the average's."""
-    weights: dict[tuple, tuple[jax.Array, jax.Array]] = {}  # Broadcast once per shape.
+    weights: dict[tuple, tuple[jax.Array, ...]] = {}  # Broadcast once per shape.
     average = []
     for m, g in zip(momentum, grads):
         if m.shape not in weights:
