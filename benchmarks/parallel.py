@@ -8,7 +8,6 @@ import collections
 import os
 import sys
 import threading
-import time
 from collections.abc import Iterator
 
 import jax
@@ -98,10 +97,8 @@ class DistributedError(RuntimeError):
 
 
 FAILURE_KEY = "agd_optax/failed"  # Set by the first process that fails, read by all.
-STOPPED_KEY = "agd_optax/stopped/"  # + process index: that process has seen the failure.
-RELEASED_KEY = "agd_optax/released"  # The failed process has heard from every other.
 WATCH_EVERY_S = 0.2  # How often each process looks for a failure of another.
-ANNOUNCE_WAIT_S = 5.0  # How long a failed process waits for the others to have seen it.
+LEAVE_WAIT_S = 60.0  # How long a stopping process waits for the others to stop with it.
 
 
 def initialize_distributed(
@@ -170,7 +167,8 @@ def _client():
 
 def _watch_for_failures() -> None:
     """A daemon thread that waits for another process to announce a failure, then prints it and
-    ends this process (whatever it is waiting for: a collective, a barrier of a checkpoint)."""
+    stops this process with the others (whatever it is waiting for: a collective, a barrier of a
+    checkpoint)."""
     client, me = _client(), jax.process_index()
     if client is None or jax.process_count() < 2:
         return
@@ -188,15 +186,7 @@ def _watch_for_failures() -> None:
             if message.startswith(f"process {me} "):
                 return  # Its own announcement: it is already stopping.
             print(f"error: stopped because {message}", file=sys.stderr, flush=True)
-            try:
-                client.key_value_set(f"{STOPPED_KEY}{me}", "1")
-                if me == 0:  # The coordinator: gone, it would take the failed process with it.
-                    client.blocking_key_value_get(RELEASED_KEY, int(ANNOUNCE_WAIT_S * 1000))
-                    time.sleep(0.5)
-            except Exception:  # noqa: BLE001
-                pass
-            sys.stdout.flush()
-            os._exit(1)
+            _leave_and_exit(1)
 
     thread = threading.Thread(target=watch, name="failure-watch", daemon=True)
     thread.start()
@@ -208,26 +198,37 @@ def _watch_for_failures() -> None:
     atexit.register(end_watch)
 
 
+_leaving = threading.Lock()
+
+
+def _leave_and_exit(code: int) -> None:
+    """Ends this process of a multi-process run together with the others: every process that
+    stops leaves the cluster through JAX's shutdown barrier, so none goes (taking the coordinator
+    with it, or seen by it as crashed) while another is still on its way out; a process that
+    ended first would make JAX abort the others. Gives up waiting after ``LEAVE_WAIT_S``. Never
+    returns; a second caller (the watch and the main thread) waits for the first."""
+    _leaving.acquire()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    give_up = threading.Timer(LEAVE_WAIT_S, os._exit, (code,))
+    give_up.daemon = True
+    give_up.start()
+    try:
+        jax.distributed.shutdown()
+    except Exception:  # noqa: BLE001 - another process is gone already: this one stops anyway.
+        pass
+    os._exit(code)
+
+
 def announce_failure(message: str) -> None:
-    """Tells the other processes of a multi-process run that this one failed and why, and waits
-    (up to ``ANNOUNCE_WAIT_S``) for them to have seen it: each prints the cause and stops. A
+    """Tells the other processes of a multi-process run that this one failed and why; each prints
+    the cause and stops, and this process stops with them (exit code 1: it does not return). A
     no-op in a single process."""
     client = _client() if jax.distributed.is_initialized() else None
     if client is None or jax.process_count() < 2:
         return
-    me = jax.process_index()
     try:
-        client.key_value_set(FAILURE_KEY, f"process {me} failed: {message}")
+        client.key_value_set(FAILURE_KEY, f"process {jax.process_index()} failed: {message}")
     except Exception:  # noqa: BLE001 - another process failed first, and said so.
-        return
-    deadline = ANNOUNCE_WAIT_S * 1000
-    for other in range(jax.process_count()):
-        if other != me:
-            try:
-                client.blocking_key_value_get(f"{STOPPED_KEY}{other}", int(deadline))
-            except Exception:  # noqa: BLE001 - gone already, or too slow: it stops either way.
-                pass
-    try:
-        client.key_value_set(RELEASED_KEY, "1")
-    except Exception:  # noqa: BLE001
         pass
+    _leave_and_exit(1)
