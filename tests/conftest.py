@@ -9,9 +9,13 @@ import tempfile
 # suite's programs are tiny, so compiling them costs far more than running them, and level 0
 # compiles several times faster (a truncated-normal initialiser: about 2 s -> 0.3 s of CPU). It
 # changes only the machine code XLA emits, not its HLO or fusions; results agree with an
-# optimised build to float32 rounding.
+# optimised build to float32 rounding. A collective among the fake devices may wait for their
+# threads up to 10 minutes (XLA's default, 40 s, aborts the process when the 2 cores are shared
+# with other work and the 8 devices' threads fall behind).
 os.environ.setdefault(
-    "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+    "XLA_FLAGS",
+    "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
+    "--xla_cpu_collective_call_terminate_timeout_seconds=600",
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The training program's cache folder (generated datasets, compiled programs): one per test
