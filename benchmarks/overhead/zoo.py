@@ -23,6 +23,7 @@ OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
     # every gradient in a reduction before its elementwise pass.
     "sgd_clip": lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1)),
     "agd": lambda: agd_optax.agd(),
+    "agd_momentum": lambda: agd_optax.agd_momentum(),
 }
 BASELINE = "sgd"
 
