@@ -56,7 +56,22 @@ def _default_grids(entries: Sequence[Any] = ENTRIES) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line ``argv`` (``sys.argv[1:]`` when None), checked; ``--grid`` parsed."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=DESCRIPTION)
+    _add_selection_flags(p)
+    _add_output_flags(p)
+    _add_saved_result_flags(p)
+    _add_protocol_flags(p)
+    _add_mode_flags(p)
+    args = p.parse_args(argv)
+    if args.from_json:
+        return args
+    _check_args(p, args)
+    return args
+
+
+def _add_selection_flags(p: argparse.ArgumentParser) -> None:
+    """What is trained: the suite and its data, the seeds, epochs, grid, rows and workloads."""
     p.add_argument("--suite", choices=tuple(SUITES), default="digits")
     p.add_argument("--data-dir", default=None, help="dataset folder (cifar10, cifar100, imagenet)")
     p.add_argument("--download", action="store_true", help="download CIFAR if missing")
@@ -71,12 +86,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--optimizers", default=None, help="comma-separated subset of the table rows")
     p.add_argument("--workloads", default=None, help="comma-separated subset of the suite")
     p.add_argument("--train-bs", type=int, default=None, help="override the batch size")
+
+
+def _add_output_flags(p: argparse.ArgumentParser) -> None:
+    """Where the results and workdirs go, and how much of a run is done and shown."""
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
     p.add_argument("--runs-dir", default="runs", help="workdirs go to RUNS_DIR/compare/<suite>")
     p.add_argument(
         "--quick", action="store_true", help="smoke run: 1 seed, 2 epochs, 2 grid points"
     )
     p.add_argument("--verbose", action="store_true", help="show the per-epoch lines of every run")
+
+
+def _add_saved_result_flags(p: argparse.ArgumentParser) -> None:
+    """Rows added to a saved result, and saved results redrawn or merged."""
     p.add_argument(
         "--add-to",
         default=None,
@@ -90,6 +113,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "several comma-separated files of one suite are merged (rows added to each workload, a "
         "later file's row replacing an earlier one's of the same label) and the merged JSON saved",
     )
+
+
+def _add_protocol_flags(p: argparse.ArgumentParser) -> None:
+    """The protocol's options: candidate rows, grid extensions, reuse of runs, extra seeds."""
     p.add_argument(
         "--candidates",
         default=None,
@@ -117,6 +144,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "spreads overlap (CANDIDATE, the best tuned row, the best zero-settings peer), per workload",
     )
     p.add_argument("--extra-seeds", type=int, default=5, help="seeds of --extra-seeds-for rows")
+
+
+def _add_mode_flags(p: argparse.ArgumentParser) -> None:
+    """The sizing modes (``--epoch-rule``, ``--time-one``) and the worker processes."""
     p.add_argument(
         "--epoch-rule",
         action="store_true",
@@ -136,9 +167,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=1,
         help="cells trained at once, each in its own process with one XLA thread",
     )
-    args = p.parse_args(argv)
-    if args.from_json:
-        return args
+
+
+def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Applies ``--quick``, refuses inconsistent flags (``p.error``) and parses ``--grid``."""
     if args.quick:
         args.seeds, args.epochs = 1, args.epochs or 2
         args.grid = args.grid or "2"
@@ -156,7 +188,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.grid = parse_grid(args.grid)
     except ValueError as e:
         p.error(str(e))
-    return args
 
 
 def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -192,47 +223,110 @@ def _put_cells(workload: dict[str, Any], cells: Sequence[dict[str, Any]]) -> Non
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line ``argv`` (``sys.argv[1:]`` when None); returns the exit status."""
     args = parse_args(argv)
     if args.from_json:
-        paths = [p for p in args.from_json.split(",") if p]
-        results = []
-        for path in paths:
-            with open(path) as f:
-                results.append(json.load(f))
-        merged = results[0]
-        if len(results) > 1:
-            merged = merge_results(results)
-            merged["meta"].setdefault("merged", []).append(_command_line(argv))
-        write_outputs(merged, args.out, write_json=len(results) > 1)
-        return 0
-    import jax
-    import optax
-
-    suite = args.suite
+        return _redraw_from_json(args.from_json, args.out, argv)
     if args.add_to:  # Refuse before training anything.
-        _load_compatible(args.add_to, suite, args.seeds, hardware_description())
+        _load_compatible(args.add_to, args.suite, args.seeds, hardware_description())
     workloads = _selected_workloads(args)
-    names = [n.strip() for n in args.optimizers.split(",")] if args.optimizers else None
-    candidates = [n.strip() for n in (args.candidates or "").split(",") if n.strip()]
-    plan = {w.name: _workload_entries(w, args.grid, names, candidates) for w in workloads}
+    plan = _plan(args, workloads)
     runner = _make_runner(args, workloads)
     if args.time_one:
         return time_one(runner, workloads, plan, args.time_one, args.seeds)
     if args.epoch_rule:
-        tuned = {w.name: [e for e in plan[w.name] if e.tuned] for w in workloads}
-        _pool(args, runner, workloads, tuned, seeds=None)
-        return epoch_rule(runner, workloads, tuned, args.max_extensions, args.out)
+        return _run_epoch_rule(args, runner, workloads, plan)
+    return _run_suite(args, argv, runner, workloads, plan)
+
+
+def _redraw_from_json(from_json: str, out: str, argv: Sequence[str] | None) -> int:
+    """``--from-json``: redraws one saved result, or merges several (the merged JSON saved)."""
+    paths = [p for p in from_json.split(",") if p]
+    results = []
+    for path in paths:
+        with open(path) as f:
+            results.append(json.load(f))
+    merged = results[0]
+    if len(results) > 1:
+        merged = merge_results(results)
+        merged["meta"].setdefault("merged", []).append(_command_line(argv))
+    write_outputs(merged, out, write_json=len(results) > 1)
+    return 0
+
+
+def _plan(args: argparse.Namespace, workloads: Sequence[Workload]) -> dict[str, list[Entry]]:
+    """Per workload name, the rows to train (``--grid``, ``--optimizers``, ``--candidates``)."""
+    names = [n.strip() for n in args.optimizers.split(",")] if args.optimizers else None
+    candidates = [n.strip() for n in (args.candidates or "").split(",") if n.strip()]
+    return {w.name: _workload_entries(w, args.grid, names, candidates) for w in workloads}
+
+
+def _run_epoch_rule(
+    args: argparse.Namespace,
+    runner: Runner,
+    workloads: Sequence[Workload],
+    plan: dict[str, list[Entry]],
+) -> int:
+    """``--epoch-rule``: trains only the tuned rows' grids and prints the epoch rule."""
+    tuned = {w.name: [e for e in plan[w.name] if e.tuned] for w in workloads}
+    _pool(args, runner, workloads, tuned, seeds=None)
+    return epoch_rule(runner, workloads, tuned, args.max_extensions, args.out)
+
+
+def _run_suite(
+    args: argparse.Namespace,
+    argv: Sequence[str] | None,
+    runner: Runner,
+    workloads: Sequence[Workload],
+    plan: dict[str, list[Entry]],
+) -> int:
+    """The suite run: every cell of ``plan``, the ``--extra-seeds-for`` rows' extra seeds, and
+    the outputs written (added to ``--add-to``'s result when given)."""
+    result = _new_result(args, argv, workloads, plan)
+    seeds = list(range(args.seeds))
+    t_start = time.perf_counter()
+    _pool(args, runner, workloads, plan, seeds)
+    for workload in workloads:
+        entries = plan[workload.name]
+        runner.warm_up(workload)
+        cells = [run_cell(runner, workload, e, seeds, args.max_extensions) for e in entries]
+        result["workloads"].append(_workload_result(runner, workload, entries, cells, seeds))
+    runner.resume = True  # With --fresh too: the runs trained just now are reused below.
+    if args.extra_seeds_for:
+        _add_extra_seeds(args, runner, workloads, plan, result)
+    result["meta"]["suite_wall_s"] = time.perf_counter() - t_start
+    if runner.reused:
+        result["meta"]["runs_reused"] = runner.reused
+
+    if args.add_to:
+        result = add_rows(result, args.add_to)
+    write_outputs(result, args.out)
+    return 0
+
+
+def _grid_description(grid: int | tuple[float, ...] | None, entries: Sequence[Entry]) -> str:
+    """``--grid`` in words: its point count, its values, or the default grids of ``entries``."""
+    if isinstance(grid, int):
+        return f"{grid} points"
+    if isinstance(grid, tuple):
+        return "/".join(f"{v:g}" for v in grid)
+    return _default_grids(entries)
+
+
+def _new_result(
+    args: argparse.Namespace,
+    argv: Sequence[str] | None,
+    workloads: Sequence[Workload],
+    plan: dict[str, list[Entry]],
+) -> dict[str, Any]:
+    """The suite's result before any workload: the suite, and the run's settings in ``meta``."""
+    import jax
+    import optax
 
     command = _command_line(argv)
-    grid_desc = (
-        f"{args.grid} points"
-        if isinstance(args.grid, int)
-        else "/".join(f"{v:g}" for v in args.grid)
-        if isinstance(args.grid, tuple)
-        else _default_grids([e for w in workloads for e in plan[w.name]])
-    )
-    result: dict[str, Any] = {
-        "suite": suite,
+    grid_desc = _grid_description(args.grid, [e for w in workloads for e in plan[w.name]])
+    return {
+        "suite": args.suite,
         "meta": {
             "command": command,
             "hardware": hardware_description(),
@@ -245,38 +339,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "workloads": [],
     }
-    seeds = list(range(args.seeds))
-    t_start = time.perf_counter()
-    _pool(args, runner, workloads, plan, seeds)
-    for workload in workloads:
-        entries = plan[workload.name]
-        runner.warm_up(workload)
-        cells = [run_cell(runner, workload, e, seeds, args.max_extensions) for e in entries]
-        result["workloads"].append(_workload_result(runner, workload, entries, cells, seeds))
-    runner.resume = True  # With --fresh too: the runs trained just now are reused below.
-    if args.extra_seeds_for:
-        more = _rows_for_more_seeds(args.extra_seeds_for, result["workloads"])
-        wanted = {w: [e for e in plan[w] if e.label in labels] for w, labels in more.items()}
-        _pool(args, runner, workloads, wanted, list(range(args.extra_seeds)))
-        for workload, saved in zip(workloads, result["workloads"]):
-            extra = [
-                run_cell(runner, workload, e, range(args.extra_seeds), args.max_extensions)
-                for e in wanted[workload.name]
-            ]
-            _put_cells(saved, extra)
-        result["meta"]["extra_seeds"] = {
-            "seeds": args.extra_seeds,
-            "rule": args.extra_seeds_for,
-            "rows": more,
-        }
-    result["meta"]["suite_wall_s"] = time.perf_counter() - t_start
-    if runner.reused:
-        result["meta"]["runs_reused"] = runner.reused
 
-    if args.add_to:
-        result = add_rows(result, args.add_to)
-    write_outputs(result, args.out)
-    return 0
+
+def _add_extra_seeds(
+    args: argparse.Namespace,
+    runner: Runner,
+    workloads: Sequence[Workload],
+    plan: dict[str, list[Entry]],
+    result: dict[str, Any],
+) -> None:
+    """``--extra-seeds-for``: trains the chosen rows with ``--extra-seeds`` seeds (their first
+    runs reused), replaces their cells in ``result`` and records the rule in its ``meta``."""
+    more = _rows_for_more_seeds(args.extra_seeds_for, result["workloads"])
+    wanted = {w: [e for e in plan[w] if e.label in labels] for w, labels in more.items()}
+    _pool(args, runner, workloads, wanted, list(range(args.extra_seeds)))
+    for workload, saved in zip(workloads, result["workloads"]):
+        extra = [
+            run_cell(runner, workload, e, range(args.extra_seeds), args.max_extensions)
+            for e in wanted[workload.name]
+        ]
+        _put_cells(saved, extra)
+    result["meta"]["extra_seeds"] = {
+        "seeds": args.extra_seeds,
+        "rule": args.extra_seeds_for,
+        "rows": more,
+    }
 
 
 def _selected_workloads(args: argparse.Namespace) -> list[Workload]:
