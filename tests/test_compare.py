@@ -79,6 +79,8 @@ def test_mean_std_and_grid_parsing():
     assert mean == pytest.approx(0.9) and std == pytest.approx(math.sqrt(0.02))
     assert compare.parse_grid(None) is None
     assert compare.parse_grid("3") == 3
+    with pytest.raises(ValueError, match="at least 1 point"):
+        compare.parse_grid("0")
     assert compare.parse_grid("1e-3, 1e-2") == (1e-3, 1e-2)
     with pytest.raises(ValueError):
         compare.parse_grid("-1,2")

@@ -142,6 +142,8 @@ def parse_grid(text: str | None) -> int | tuple[float, ...] | None:
         return None
     text = text.strip()
     if "," not in text and text.isdigit():
+        if int(text) < 1:
+            raise ValueError(f"--grid wants at least 1 point, got {text!r}")
         return int(text)
     values = tuple(float(v) for v in text.split(",") if v.strip())
     if not values or any(v <= 0 for v in values):
