@@ -4,7 +4,8 @@ take the cells of a task list in turn (a cell is claimed by creating its claim f
 so no two workers train it) and leave each run's record in its workdir. The suite then reads every
 run back (``Runner``'s resume), so the tables are made exactly as by one process.
 
-A worker is ``python -m benchmarks.compare.pool TASKS INDEX``.
+A worker is ``worker(TASKS, INDEX)`` in a process of its own (``WORKER``: started with ``-c``,
+since the package imports this module before ``-m`` could run it).
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ from benchmarks.compare.workloads import SUITES, Entry
 
 # One XLA thread per process: the processes, not the threads of one, share the cores.
 ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
+WORKER = (
+    "import sys\nfrom benchmarks.compare.pool import worker\n"
+    "sys.exit(worker(sys.argv[1], int(sys.argv[2])))"
+)
 
 
 def _entry_to_json(entry: Entry) -> dict[str, Any]:
@@ -80,7 +87,7 @@ def run_in_workers(
     procs = []
     try:
         for i in range(jobs):
-            argv = [sys.executable, "-m", "benchmarks.compare.pool", path, str(i)]
+            argv = [sys.executable, "-c", WORKER, path, str(i)]
             procs.append(subprocess.Popen(argv, env=env))
         codes = [p.wait() for p in procs]
     finally:  # Stopped (Ctrl-C): the workers stop too; their finished runs stay recorded.
@@ -126,7 +133,3 @@ def worker(path: str, index: int) -> int:
         else:
             run_cell(runner, workload, entry, task["seeds"], cap)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(worker(sys.argv[1], int(sys.argv[2])))
