@@ -55,7 +55,8 @@ def _panels(
     for ax, w in zip(axes[0], workloads):
         draw(ax, w, _colors(w["cells"]))
         ax.set_title(w["title"], fontsize=9)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    if axes[0][-1].get_legend_handles_labels()[0]:  # A panel with nothing drawn has no legend.
+        axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.suptitle(f"{result['suite']}: {title}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
