@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from benchmarks import optimizers
-from benchmarks.compare.cli import merge_results
+from benchmarks.compare.saved import merge_results
 from benchmarks.data.shapes import SHAPE_NAMES, generate_shapes
 
 

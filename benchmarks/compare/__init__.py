@@ -21,7 +21,8 @@ split), the same for every seed, so one grid serves them all and never sees a te
 
 Modules: ``workloads`` (the table's optimizer rows and each suite's workloads), ``protocol``
 (grids, the choice of learning rate, a cell's runs, summaries), ``runner`` (one training run,
-recorded), ``report`` (markdown and JSON), ``plots``, ``cli`` (the command line).
+recorded), ``report`` (markdown and JSON), ``plots``, ``saved`` (saved results redrawn, merged
+or extended), ``cli`` (the command line).
 """
 
 from benchmarks.compare.cli import main, parse_args

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import shlex
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +21,13 @@ from benchmarks.compare.protocol import (
 )
 from benchmarks.compare.report import write_outputs
 from benchmarks.compare.runner import Runner
+from benchmarks.compare.saved import (
+    add_rows,
+    command_line,
+    load_compatible,
+    put_cells,
+    redraw_from_json,
+)
 from benchmarks.compare.sizing import epoch_rule, time_one
 from benchmarks.compare.workloads import (
     ENTRIES,
@@ -190,45 +194,13 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(str(e))
 
 
-def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One suite's results from several runs of the program (for example one per subset of
-    ``--optimizers``): each workload's rows in order of first appearance, a later result's row
-    replacing an earlier one of the same label, and the summaries recomputed."""
-    suites = {r["suite"] for r in results}
-    if len(suites) != 1:
-        raise ValueError(f"--from-json: files of different suites {sorted(suites)} cannot merge")
-    merged = json.loads(json.dumps(results[0]))
-    merged["meta"]["command"] = " ; ".join(r["meta"]["command"] for r in results)
-    for key in ("added", "merged"):  # Every file's later additions and merges stay on record.
-        records = [a for r in results for a in r["meta"].get(key, [])]
-        if records:
-            merged["meta"][key] = records
-    workloads = {w["name"]: w for w in merged["workloads"]}
-    for result in results[1:]:
-        for w in result["workloads"]:
-            if w["name"] not in workloads:
-                workloads[w["name"]] = {**w, "cells": []}
-                merged["workloads"].append(workloads[w["name"]])
-            _put_cells(workloads[w["name"]], w["cells"])
-    return merged
-
-
-def _put_cells(workload: dict[str, Any], cells: Sequence[dict[str, Any]]) -> None:
-    """Adds ``cells`` to a saved workload's rows (one of the same label is replaced, keeping its
-    place) and recomputes the workload's summary."""
-    by_label = {c["label"]: c for c in workload["cells"]}
-    by_label.update({c["label"]: c for c in cells})
-    workload["cells"] = list(by_label.values())
-    workload["summary"] = summarize(workload["cells"], workload.get("metric", "accuracy"))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line ``argv`` (``sys.argv[1:]`` when None); returns the exit status."""
     args = parse_args(argv)
     if args.from_json:
-        return _redraw_from_json(args.from_json, args.out, argv)
+        return redraw_from_json(args.from_json, args.out, argv)
     if args.add_to:  # Refuse before training anything.
-        _load_compatible(args.add_to, args.suite, args.seeds, hardware_description())
+        load_compatible(args.add_to, args.suite, args.seeds, hardware_description())
     workloads = _selected_workloads(args)
     plan = _plan(args, workloads)
     runner = _make_runner(args, workloads)
@@ -237,21 +209,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.epoch_rule:
         return _run_epoch_rule(args, runner, workloads, plan)
     return _run_suite(args, argv, runner, workloads, plan)
-
-
-def _redraw_from_json(from_json: str, out: str, argv: Sequence[str] | None) -> int:
-    """``--from-json``: redraws one saved result, or merges several (the merged JSON saved)."""
-    paths = [p for p in from_json.split(",") if p]
-    results = []
-    for path in paths:
-        with open(path) as f:
-            results.append(json.load(f))
-    merged = results[0]
-    if len(results) > 1:
-        merged = merge_results(results)
-        merged["meta"].setdefault("merged", []).append(_command_line(argv))
-    write_outputs(merged, out, write_json=len(results) > 1)
-    return 0
 
 
 def _plan(args: argparse.Namespace, workloads: Sequence[Workload]) -> dict[str, list[Entry]]:
@@ -323,7 +280,7 @@ def _new_result(
     import jax
     import optax
 
-    command = _command_line(argv)
+    command = command_line(argv)
     grid_desc = _grid_description(args.grid, [e for w in workloads for e in plan[w.name]])
     return {
         "suite": args.suite,
@@ -358,7 +315,7 @@ def _add_extra_seeds(
             run_cell(runner, workload, e, range(args.extra_seeds), args.max_extensions)
             for e in wanted[workload.name]
         ]
-        _put_cells(saved, extra)
+        put_cells(saved, extra)
     result["meta"]["extra_seeds"] = {
         "seeds": args.extra_seeds,
         "rule": args.extra_seeds_for,
@@ -467,41 +424,3 @@ def _rows_for_more_seeds(rule: str, workloads: Sequence[dict[str, Any]]) -> dict
         out[w["name"]] = labels
         print(f"{w['name']}: more seeds for {', '.join(labels) or 'no row'}", flush=True)
     return out
-
-
-def _command_line(argv: Sequence[str] | None) -> str:
-    """This invocation as a command to paste."""
-    args = sys.argv[1:] if argv is None else argv
-    return ("uv run python -m benchmarks.compare " + " ".join(map(shlex.quote, args))).strip()
-
-
-def _load_compatible(path: str, suite: str, seeds: int, hardware: str) -> dict[str, Any]:
-    """The saved result at ``path``, refused unless rows trained now are comparable with it."""
-    with open(path) as f:
-        base = json.load(f)
-    if base["suite"] != suite:
-        raise ValueError(f"--add-to {path} holds suite {base['suite']!r}, not {suite!r}")
-    for key, value in (("seeds", seeds), ("hardware", hardware)):
-        if base["meta"][key] != value:
-            raise ValueError(
-                f"--add-to {path}: its {key} {base['meta'][key]!r} differs from this run's "
-                f"{value!r}; the rows would not be comparable"
-            )
-    return base
-
-
-def add_rows(new: dict[str, Any], path: str) -> dict[str, Any]:
-    """The saved result at ``path`` with ``new``'s cells added (a cell of the same label is
-    replaced) and every workload's summary recomputed; the command is recorded with the rows."""
-    base = _load_compatible(path, new["suite"], new["meta"]["seeds"], new["meta"]["hardware"])
-    workloads = {w["name"]: w for w in base["workloads"]}
-    labels: list[str] = []
-    for w in new["workloads"]:
-        if w["name"] not in workloads:
-            raise ValueError(f"--add-to {path} has no workload {w['name']!r}")
-        _put_cells(workloads[w["name"]], w["cells"])
-        labels += [cell["label"] for cell in w["cells"]]
-    base["meta"].setdefault("added", []).append(
-        {"command": new["meta"]["command"], "rows": sorted(set(labels))}
-    )
-    return base
