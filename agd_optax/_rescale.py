@@ -15,8 +15,10 @@ that the sum of the scaled squares neither overflows nor loses to underflow anyt
 * ``q`` Inf (or NaN): every entry is below the largest float and the largest one above
   ``sqrt(max / n)``; again one power of two (about ``2**-(65 + log2(n) / 2)``) fits them.
 
-Multiplying by a power of two is exact, so wherever the plain sums are exact both agree to
-rounding; this holds for norms of up to ``2**33`` entries each in float32. A norm is kept as
+The bounds of the last two cases are taken for the tree's longest norm and hold for every
+shorter one (a shorter norm's scaled sum stays well inside the range), so one pair serves
+the whole tree. Multiplying by a power of two is exact, so wherever the plain sums are exact
+both agree to rounding; this holds for norms of up to ``2**33`` entries each in float32. A norm is kept as
 ``(sum of scaled squares, c)``, its value ``sqrt(sum) / c``; the step forms every product that
 could leave the range (G, ``g / ||g||``) on the scaled values (``_step.py``).
 

@@ -207,14 +207,16 @@ def measure(
     lead = () if step_leaves is None else (2,)
     consts = Constants()
 
-    def clamped(q, leaf):  # Its bounds shaped like q, once per shape and length of the sums.
-        lo, hi = bounds(leaf.summed, acc)
-        return scales(q, consts.full(q.shape, lo, acc), consts.full(q.shape, hi, acc), consts)
+    # One pair of bounds for the whole tree, those of its longest norm (they hold for every
+    # shorter one): the kernels that set ``c`` are then one program for every leaf whose norms
+    # have one shape, whatever the leaf's length.
+    bound = bounds(max(leaf.summed for leaf in plan.leaves), acc)
 
-    lo, hi = (
-        jnp.asarray(plan.per_entry(lambda leaf, j=j: bounds(leaf.summed, acc)[j]), acc)
-        for j in (0, 1)
-    )
+    def clamped(q):  # The bounds shaped like q, once per shape.
+        lo, hi = (consts.full(q.shape, b, acc) for b in bound)
+        return scales(q, lo, hi, consts)
+
+    lo, hi = (consts.full((sum(leaf.size for leaf in plan.leaves),), b, acc) for b in bound)
     ones = [
         consts.full((*lead, *(x.shape[a] for a in leaf.kept_axes)), 1.0, acc)
         for x, leaf in zip(leaves, plan.leaves)
@@ -228,7 +230,7 @@ def measure(
         k = exponents_of_inverse(scales(previous, lo, hi, consts))
         eta, G = step_size(step, lax.select(first, jnp.zeros_like(k), k), plan, acc)
         again = _suspect(flat, plan, acc) & first
-        cs = [lax.select(again, clamped(q, leaf), c) for q, c, leaf in zip(sums, cs, plan.leaves)]
+        cs = [lax.select(again, clamped(q), c) for q, c in zip(sums, cs)]
         return cs, sums, step, eta, G, again, jnp.zeros((), bool)
 
     zero = jnp.zeros((), acc)
@@ -279,17 +281,16 @@ def normalise(
     leaves of one shape and scale."""
     consts = Constants()
     step = eta / plan.depth
-    steps: dict[tuple, jax.Array] = {}
     factors: dict[tuple, jax.Array] = {}  # A weight's and its bias's are one.
     updates = []
     for g, (q, c), leaf in zip(leaves, norms.divisors, plan.leaves):
-        key = (q.shape, leaf.scale)
-        if key not in steps:  # (eta / L) s, shaped like q, once per shape and scale.
-            steps[key] = lax.broadcast_in_dim(step * leaf.scale, q.shape, ())
         if (id(q), leaf.scale) not in factors:
+            # (eta / L) s broadcast here, for each leaf: shared by the leaves of one shape, the
+            # broadcast would be fused into one of their passes only, making it a program apart.
             zeros = consts.full(q.shape, 0.0, acc)
             inverse = lax.select(lax.gt(q, zeros), lax.rsqrt(q), zeros)
-            factors[id(q), leaf.scale] = inverse * steps[key]
+            steps = lax.broadcast_in_dim(step * leaf.scale, q.shape, ())
+            factors[id(q), leaf.scale] = inverse * steps
         factor = factors[id(q), leaf.scale]
         dims = leaf.divisor_axes
         u = lax.convert_element_type(g, acc) * lax.broadcast_in_dim(c, g.shape, dims)
