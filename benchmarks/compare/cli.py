@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from benchmarks.compare.pool import run_in_workers
@@ -367,7 +367,7 @@ def _pool(
     args: argparse.Namespace,
     runner: Runner,
     workloads: Sequence[Workload],
-    plan: dict[str, Sequence[Entry]],
+    plan: Mapping[str, Sequence[Entry]],
     seeds: Sequence[int] | None,
 ) -> None:
     """With ``--jobs N`` (N > 1), trains the cells of ``plan`` (only their grids when ``seeds``

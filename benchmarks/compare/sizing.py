@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from benchmarks.compare.protocol import VALIDATION_SPLIT, last_fifth_rise, open_edge, tune
@@ -31,7 +31,7 @@ EPOCH_RULE_POINTS = 0.5  # The rise (accuracy points) under which the epochs are
 def time_one(
     runner: Any,
     workloads: Sequence[Workload],
-    plan: dict[str, Sequence[Entry]],
+    plan: Mapping[str, Sequence[Entry]],
     label: str,
     seeds: int,
 ) -> int:
@@ -79,7 +79,7 @@ def time_one(
 def epoch_rule(
     runner: Any,
     workloads: Sequence[Workload],
-    tuned: dict[str, Sequence[Entry]],
+    tuned: Mapping[str, Sequence[Entry]],
     max_extensions: int | None,
     out: str,
 ) -> int:

@@ -7,6 +7,7 @@ Adding a workload is one ``Workload`` in ``SUITES``; a new suite is a new key.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 from benchmarks.data import DATASETS
@@ -132,7 +133,7 @@ HALF_DECADE_LM = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 PEERS = (*LR_FREE, *ALGOPERF)  # The zero-settings peers: the bar's "best zero-settings peer".
 
 
-def candidate_entries(names: tuple[str, ...] | list[str]) -> tuple[Entry, ...]:
+def candidate_entries(names: Sequence[str]) -> tuple[Entry, ...]:
     """The rows of the candidates ``names`` (optimizer names of ``OPTIMIZERS``)."""
     out = []
     for name in names:
