@@ -93,6 +93,35 @@ ENTRY %main (g: f32[64,64], p: f32[64,64]) -> (f32[64,64]) {
     assert counts["kind_kLoop"] == 2 and counts["kind_kInput"] == 1
 
 
+def test_distinct_fusions_are_the_different_programs():
+    """Two fusions calling computations that differ only in their names and metadata are one
+    program; another output shape, or another operation, is another."""
+    body = """%{name} (p0: f32[8]) -> f32[8] {{
+  %p0.{n} = f32[8]{{0}} parameter(0)
+  ROOT %m.{n} = f32[8]{{0}} {op}(%p0.{n}, %p0.{n}), metadata={{op_name="x{n}"}}
+}}
+"""
+    hlo = "HloModule m\n\n" + "\n".join(
+        body.format(name=name, n=n, op=op)
+        for n, (name, op) in enumerate(
+            [("fa", "multiply"), ("fb", "multiply"), ("fc", "add"), ("fd", "multiply")]
+        )
+    )
+    hlo += """
+ENTRY %main (g: f32[8], h: f32[8,8]) -> (f32[8]) {
+  %g = f32[8]{0} parameter(0)
+  %h = f32[8,8]{1,0} parameter(1)
+  %a = f32[8]{0} fusion(%g), kind=kLoop, calls=%fa
+  %b = f32[8]{0} fusion(%a), kind=kLoop, calls=%fb
+  %c = f32[8]{0} fusion(%b), kind=kLoop, calls=%fc
+  %d = f32[8,8]{1,0} fusion(%h), kind=kLoop, calls=%fd
+  ROOT %t = (f32[8]{0}) tuple(%c)
+}
+"""
+    counts = overhead.fusion_counts(hlo, min_leaf=64)
+    assert counts["fusions"] == 4 and counts["distinct"] == 3
+
+
 def test_compile_mode_prints_ratios_to_adam(tmp_path, capsys):
     """``--compile``: compile and un-jitted call times of agd and agd_momentum over Adam's, on a
     small dense stack (timings are reported, never asserted on)."""

@@ -92,15 +92,17 @@ def markdown(result: dict[str, Any], args: argparse.Namespace, command: str) -> 
             "Fusions (kernels) in the compiled program's entry computation. A pass over a leaf "
             "reads a whole leaf: a reduction (into a norm) or an elementwise pass (writes a whole "
             "leaf: the fused update-and-apply, or a temporary such as a squared gradient); small "
-            "fusions work on per-leaf norms and scalars.",
+            "fusions work on per-leaf norms and scalars; distinct fusions are the different "
+            "programs among them (XLA builds each once).",
             "",
-            "| optimizer | fusions | reduction passes | elementwise passes | small fusions "
-            "| other ops |",
-            "| --- | --- | --- | --- | --- | --- |",
+            "| optimizer | fusions | distinct fusions | reduction passes | elementwise passes "
+            "| small fusions | other ops |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for name, c in result["hlo"].items():
             lines.append(
-                f"| {name} | {c.get('fusions', 0)} | {c.get('reduction', 0)} | "
-                f"{c.get('elementwise', 0)} | {c.get('small', 0)} | {c.get('other', 0)} |"
+                f"| {name} | {c.get('fusions', 0)} | {c.get('distinct', 0)} | "
+                f"{c.get('reduction', 0)} | {c.get('elementwise', 0)} | {c.get('small', 0)} | "
+                f"{c.get('other', 0)} |"
             )
     return "\n".join(lines)

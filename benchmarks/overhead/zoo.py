@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 import agd_optax
+from benchmarks.overhead.compile_cost import dense_stack
 
 OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
     "sgd": lambda: optax.sgd(0.1),
@@ -120,6 +121,9 @@ TREES: dict[str, Callable[[], dict]] = {
     "gpt2_small": gpt2_small,
     "tiny_mlp": tiny_mlp,
     "tiny_cnn": tiny_cnn,
+    # The compile benchmark's trees: dense layers with biases, five shapes repeated.
+    "dense_stack_100": lambda: dense_stack(100),
+    "dense_stack_500": lambda: dense_stack(500),
 }
 
 
