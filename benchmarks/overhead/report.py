@@ -84,25 +84,31 @@ def markdown(result: dict[str, Any], args: argparse.Namespace, command: str) -> 
             f"| {name} | {by['float32'][0]:g} | {by['bfloat16'][0]:g} | {by['float32'][1]} |"
         )
     if result["hlo"]:
-        lines += [
-            "",
-            f"## What XLA emits for one float32 update ({result['hlo_tree']}, "
-            f"{result['hlo_leaves']} leaves)",
-            "",
-            "Fusions (kernels) in the compiled program's entry computation. A pass over a leaf "
-            "reads a whole leaf: a reduction (into a norm) or an elementwise pass (writes a whole "
-            "leaf: the fused update-and-apply, or a temporary such as a squared gradient); small "
-            "fusions work on per-leaf norms and scalars; distinct fusions are the different "
-            "programs among them (XLA builds each once).",
-            "",
-            "| optimizer | fusions | distinct fusions | reduction passes | elementwise passes "
-            "| small fusions | other ops |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for name, c in result["hlo"].items():
-            lines.append(
-                f"| {name} | {c.get('fusions', 0)} | {c.get('distinct', 0)} | "
-                f"{c.get('reduction', 0)} | {c.get('elementwise', 0)} | {c.get('small', 0)} | "
-                f"{c.get('other', 0)} |"
-            )
+        lines += _hlo_section(result)
     return "\n".join(lines)
+
+
+def _hlo_section(result: dict[str, Any]) -> list[str]:
+    """The table of what XLA emits for one update, per optimizer."""
+    lines = [
+        "",
+        f"## What XLA emits for one float32 update ({result['hlo_tree']}, "
+        f"{result['hlo_leaves']} leaves)",
+        "",
+        "Fusions (kernels) in the compiled program's entry computation. A pass over a leaf "
+        "reads a whole leaf: a reduction (into a norm) or an elementwise pass (writes a whole "
+        "leaf: the fused update-and-apply, or a temporary such as a squared gradient); small "
+        "fusions work on per-leaf norms and scalars; distinct fusions are the different "
+        "programs among them (XLA builds each once).",
+        "",
+        "| optimizer | fusions | distinct fusions | reduction passes | elementwise passes "
+        "| small fusions | other ops |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, c in result["hlo"].items():
+        lines.append(
+            f"| {name} | {c.get('fusions', 0)} | {c.get('distinct', 0)} | "
+            f"{c.get('reduction', 0)} | {c.get('elementwise', 0)} | {c.get('small', 0)} | "
+            f"{c.get('other', 0)} |"
+        )
+    return lines
