@@ -24,6 +24,7 @@ __all__ = [
     "exponents_of_inverse",
     "max_keep",
     "pow2",
+    "pow2_down",
     "safe_inverse",
     "sum_keep",
 ]
@@ -51,6 +52,14 @@ def pow2(n: jax.Array, dtype: np.dtype) -> jax.Array:
     ints, mantissa, bias = _bits(dtype)
     biased = lax.convert_element_type(n + bias, ints)
     return lax.bitcast_convert_type(lax.shift_left(biased, ints.type(mantissa)), dtype)
+
+
+def pow2_down(n: jax.Array, dtype: np.dtype) -> jax.Array:
+    """``2.0**n`` in ``dtype`` for int32 ``n <= 0``, as :func:`pow2`, with ``n`` below the normal
+    range raised to its lowest (``minexp``). For the factors that bring a norm down to the scale
+    of the largest it is summed with: a term below ``2**minexp`` times the largest is far beneath
+    the sum's rounding, and ``pow2`` alone would wrap such an ``n`` into the sign bit."""
+    return pow2(lax.max(n, np.int32(np.finfo(dtype).minexp)), dtype)
 
 
 def exponents(m: jax.Array) -> jax.Array:

@@ -36,7 +36,14 @@ import numpy as np
 from jax import lax
 
 from agd_optax._checks import check_same_structure
-from agd_optax._floats import LARGE_G_LOG2, Constants, eta_of, exponents_of_inverse, pow2
+from agd_optax._floats import (
+    LARGE_G_LOG2,
+    Constants,
+    eta_of,
+    exponents_of_inverse,
+    pow2,
+    pow2_down,
+)
 from agd_optax._layouts import resolve_layouts
 from agd_optax._plan import Plan, make_plan
 from agd_optax._rescale import bounds, scales
@@ -127,7 +134,7 @@ def _whole_norms(q: jax.Array, c: jax.Array | None, leaf, acc: np.dtype):
     k = exponents_of_inverse(c)
     top = _pmax(lax.reduce_max(k, leaf.spatial), leaf.spatial_mesh)
     spread = tuple(a for a in range(k.ndim) if a not in leaf.spatial)
-    common = pow2(2 * (k - lax.broadcast_in_dim(top, k.shape, spread)), acc)
+    common = pow2_down(2 * (k - lax.broadcast_in_dim(top, k.shape, spread)), acc)
     whole = _psum(lax.reduce_sum(q * common, leaf.spatial), leaf.spatial_mesh)
     return whole, pow2(-top, acc)
 
@@ -256,7 +263,7 @@ def step_size(q, k, plan: Plan, acc: np.dtype) -> tuple[jax.Array, jax.Array]:
     else:
         lowest = np.int32(np.finfo(acc).minexp)
         top = _pmax(jnp.max(jnp.where(scales > 0, k, lowest)), plan.mesh_axes)
-        r = r * pow2(jnp.where(scales > 0, k - top, 0), acc)
+        r = r * pow2_down(jnp.where(scales > 0, k - top, 0), acc)
     if plan.mesh_axes:
         total = jnp.zeros([], acc)
         for axes, part in plan.spread().items():
@@ -278,12 +285,21 @@ def normalise(
     """Each leaf's ``(eta / L) s g / ||g||`` in the leaf's dtype, formed as
     ``(g * c) * ((eta / L) s / sqrt(q))`` for its divisor ``sqrt(q) / c``, so that no factor
     leaves the range (0 for a zero norm): one elementwise pass per leaf, the same kernel for
-    leaves of one shape and scale."""
+    leaves of one shape and scale.
+
+    An entry whose ``g * c`` is below the normal numbers (a tiny entry of a leaf, or a bias
+    beside its weight's much larger norm) is formed as ``(g * factor) * c`` instead, so that a
+    factor above 1 does not leave it flushed to 0 when its update is a normal number; there
+    ``|g * factor| < tiny * factor / c``, far below the largest float for every ``c`` that
+    ``_rescale.bounds`` allows (at least about ``2**-(65 + log2(n) / 2)``) and any factor
+    the step size makes."""
     consts = Constants()
     step = eta / plan.depth
     factors: dict[tuple, jax.Array] = {}  # A weight's and its bias's are one.
     updates = []
     for g, (q, c), leaf in zip(leaves, norms.divisors, plan.leaves):
+        leaf_dtype = g.dtype
+        tiny = consts.full(g.shape, float(np.finfo(acc).tiny), acc)
         if (id(q), leaf.scale) not in factors:
             # (eta / L) s broadcast here, for each leaf: shared by the leaves of one shape, the
             # broadcast would be fused into one of their passes only, making it a program apart.
@@ -293,9 +309,13 @@ def normalise(
             factors[id(q), leaf.scale] = inverse * steps
         factor = factors[id(q), leaf.scale]
         dims = leaf.divisor_axes
-        u = lax.convert_element_type(g, acc) * lax.broadcast_in_dim(c, g.shape, dims)
-        u = u * lax.broadcast_in_dim(factor, g.shape, dims)
-        updates.append(lax.convert_element_type(u, g.dtype))
+        g = lax.convert_element_type(g, acc)
+        c, factor = (lax.broadcast_in_dim(x, g.shape, dims) for x in (c, factor))
+        scaled = g * c
+        # Where g * c falls below the normal numbers and the factor (about (eta / L) s) lifts
+        # it back, multiply by the factor first (it cannot overflow there: see the docstring).
+        u = lax.select(lax.lt(lax.abs(scaled), tiny), (g * factor) * c, scaled * factor)
+        updates.append(lax.convert_element_type(u, leaf_dtype))
     return updates
 
 

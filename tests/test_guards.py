@@ -308,3 +308,68 @@ def test_param_specs_outside_shard_map_say_where_they_belong(jit):
     update = jax.jit(tx.update) if jit else tx.update
     with pytest.raises(ValueError, match="param_specs.*inside jax.shard_map"):
         update(params, tx.init(params), params)
+
+
+def _straddling(rng, dtype, low=2.0):
+    """Dense, conv (with biases) and norm-layer gradients, each weight's norm (each conv kernel
+    position's) at the largest, the smallest or an ordinary scale, drawn at random: the norms of
+    one step sit at both ends of the float range at once, a long norm beside one of one entry.
+    The smallest entry of a leaf at the small end is ``low`` times the smallest normal number."""
+    info = jnp.finfo(dtype)
+    shapes = {
+        "wide": {"kernel": (128, 128), "bias": (128,)},
+        "one": {"kernel": (1, 1)},
+        "conv": {"kernel": (3, 3, 8, 16), "bias": (16,)},
+        "norm": {"scale": (16,)},
+    }
+    is_shape = lambda x: isinstance(x, tuple)  # noqa: E731
+    grads = jax.tree.map(lambda s: rng.standard_normal(s), shapes, is_leaf=is_shape)
+
+    def put(x, end):
+        if end == "min":
+            return x / np.abs(x).min() * low * float(info.tiny)
+        if end == "max":
+            return x / np.abs(x).max() * float(info.max)
+        return x
+
+    ends = ("min", "max", "ordinary")
+    for layer in grads.values():
+        for name, x in layer.items():
+            if x.ndim == 4:  # Each kernel position at its own end.
+                for i, j in np.ndindex(x.shape[:2]):
+                    x[i, j] = put(x[i, j], rng.choice(ends))
+            else:
+                layer[name] = put(x, rng.choice(ends))
+    return {
+        k: {n: np.asarray(jnp.asarray(x, dtype), np.float64) for n, x in v.items()}
+        for k, v in grads.items()
+    }
+
+
+@pytest.mark.parametrize("make", [agd_optax.agd, agd_optax.agd_momentum])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("seed", range(4))
+def test_norms_at_both_ends_of_the_range_in_one_step(x64, make, dtype, seed):
+    """Every finite, non-zero gradient moves its layer by AGD's step, whichever ends of the range
+    the other layers' norms sit at: against AGD in float64, where no square over- or
+    underflows. For agd_momentum the small end is 20 times the smallest normal number, so that
+    the running average's first value, a tenth of the gradient, is a normal number too."""
+    low = 2.0 if make is agd_optax.agd else 20.0
+    grads = _straddling(np.random.default_rng(seed), dtype, low)
+    params = jax.tree.map(np.ones_like, grads)
+    tx = make()
+    low = jax.tree.map(lambda x: jnp.asarray(x, dtype), (grads, params))
+    updates, state = jax.jit(tx.update)(low[0], tx.init(low[1]), low[1])
+    want, want_state = jax.jit(tx.update)(grads, tx.init(params), params)
+    assert state[0].eta.dtype == jnp.float32 and want_state[0].eta.dtype == jnp.float64
+    assert float(state[0].eta) == pytest.approx(float(want_state[0].eta), rel=1e-6)
+    tiny = float(jnp.finfo(dtype).tiny)
+    rtol = 2e-6 if dtype == jnp.float32 else 2.0**-7
+    for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]:
+        w = want
+        for key in path:
+            w = w[key.key]
+        assert u.dtype == dtype
+        np.testing.assert_allclose(  # Each layer moves wherever the float64 step is normal.
+            np.asarray(u, np.float64), w, rtol=rtol, atol=4 * tiny, err_msg=str(path)
+        )
