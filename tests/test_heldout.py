@@ -88,3 +88,15 @@ def test_a_merge_keeps_every_files_added_rows_and_merges_on_record(tmp_path):
     assert [x["command"] for x in merged["meta"]["added"]] == ["add-a", "add-b"]
     assert merged["meta"]["merged"] == ["merge-b"]
     assert "added" not in merge_results([_result("s", "c", {}), _result("s", "d", {})])["meta"]
+
+
+def test_merged_rows_follow_the_suites_order_whatever_order_they_ran_in():
+    a = _result(
+        "heldout2", "later rows", {"shapes_vgg_long": [("agd_momentum", 0.9), ("cocob", 0.8)]}
+    )
+    b = _result(
+        "heldout2", "first rows", {"shapes_vgg_long": [("new_candidate", 0.5), ("adam", 0.7)]}
+    )
+    merged = merge_results([a, b])
+    labels = [c["label"] for c in merged["workloads"][0]["cells"]]
+    assert labels == ["adam", "cocob", "agd_momentum", "new_candidate"]

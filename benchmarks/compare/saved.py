@@ -11,12 +11,14 @@ from typing import Any
 
 from benchmarks.compare.protocol import summarize
 from benchmarks.compare.report import write_outputs
+from benchmarks.compare.workloads import ENTRIES, SUITES
 
 
 def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One suite's results from several runs of the program (for example one per subset of
-    ``--optimizers``): each workload's rows in order of first appearance, a later result's row
-    replacing an earlier one of the same label, and the summaries recomputed."""
+    ``--optimizers``): a later result's row replacing an earlier one of the same label, each
+    workload's rows in the suite's order (rows it does not declare, such as candidates, after
+    them in order of first appearance), and the summaries recomputed."""
     suites = {r["suite"] for r in results}
     if len(suites) != 1:
         raise ValueError(f"--from-json: files of different suites {sorted(suites)} cannot merge")
@@ -33,7 +35,19 @@ def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 workloads[w["name"]] = {**w, "cells": []}
                 merged["workloads"].append(workloads[w["name"]])
             put_cells(workloads[w["name"]], w["cells"])
+    for w in merged["workloads"]:
+        w["cells"] = _in_suite_order(merged["suite"], w["name"], w["cells"])
     return merged
+
+
+def _in_suite_order(suite: str, workload: str, cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``cells`` in the order of the suite's rows for ``workload`` (as the program runs and
+    tabulates them), undeclared labels after them in their given order."""
+    declared = {w.name: w for w in SUITES.get(suite, ())}
+    if workload not in declared:
+        return cells
+    order = {e.label: i for i, e in enumerate(declared[workload].entries or ENTRIES)}
+    return sorted(cells, key=lambda c: order.get(c["label"], len(order)))
 
 
 def put_cells(workload: dict[str, Any], cells: Sequence[dict[str, Any]]) -> None:
