@@ -100,3 +100,4 @@ def test_merged_rows_follow_the_suites_order_whatever_order_they_ran_in():
     merged = merge_results([a, b])
     labels = [c["label"] for c in merged["workloads"][0]["cells"]]
     assert labels == ["adam", "cocob", "agd_momentum", "new_candidate"]
+    assert [c["label"] for c in merged["workloads"][0]["summary"]["cells"]] == labels

@@ -35,8 +35,9 @@ def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 workloads[w["name"]] = {**w, "cells": []}
                 merged["workloads"].append(workloads[w["name"]])
             put_cells(workloads[w["name"]], w["cells"])
-    for w in merged["workloads"]:
+    for w in merged["workloads"]:  # The summary's rows follow the cells' (the report pairs them).
         w["cells"] = _in_suite_order(merged["suite"], w["name"], w["cells"])
+        w["summary"] = summarize(w["cells"], w.get("metric", "accuracy"))
     return merged
 
 
