@@ -15,7 +15,24 @@ from flax import nnx
 from benchmarks.models.layers import Initializer, batch_norm, conv, linear, scaled_relu
 
 
-class BasicBlock(nnx.Module):
+class _Residual(nnx.Module):
+    """A block's shortcut: the identity, or a 1x1 conv + BN where the shape changes."""
+
+    def _shortcut(self, in_channels: int, out_channels: int, stride: int, bias: bool, kw) -> None:
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut_conv = conv(in_channels, out_channels, (1, 1), strides=stride, **kw)
+            self.shortcut_bn = batch_norm(out_channels, bias=bias, rngs=kw["rngs"])
+        else:
+            self.shortcut_conv = None
+            self.shortcut_bn = None
+
+    def _join(self, out: jax.Array, x: jax.Array) -> jax.Array:
+        if self.shortcut_conv is not None:
+            x = self.shortcut_bn(self.shortcut_conv(x))
+        return scaled_relu(out + x)
+
+
+class BasicBlock(_Residual):
     """Two 3x3 conv-BN layers with an identity (or 1x1 conv + BN) shortcut."""
 
     expansion = 1
@@ -35,22 +52,14 @@ class BasicBlock(nnx.Module):
         self.bn1 = batch_norm(channels, bias=bias, rngs=rngs)
         self.conv2 = conv(channels, channels, (3, 3), **kw)
         self.bn2 = batch_norm(channels, bias=bias, rngs=rngs)
-        if stride != 1 or in_channels != channels:
-            self.shortcut_conv = conv(in_channels, channels, (1, 1), strides=stride, **kw)
-            self.shortcut_bn = batch_norm(channels, bias=bias, rngs=rngs)
-        else:
-            self.shortcut_conv = None
-            self.shortcut_bn = None
+        self._shortcut(in_channels, channels, stride, bias, kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         out = scaled_relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.shortcut_conv is not None:
-            x = self.shortcut_bn(self.shortcut_conv(x))
-        return scaled_relu(out + x)
+        return self._join(self.bn2(self.conv2(out)), x)
 
 
-class Bottleneck(nnx.Module):
+class Bottleneck(_Residual):
     """1x1 -> 3x3 (strided, "ResNet v1.5") -> 1x1 conv-BN layers, output ``4 * channels``."""
 
     expansion = 4
@@ -73,20 +82,12 @@ class Bottleneck(nnx.Module):
         self.bn2 = batch_norm(channels, bias=bias, rngs=rngs)
         self.conv3 = conv(channels, out_channels, (1, 1), **kw)
         self.bn3 = batch_norm(out_channels, bias=bias, rngs=rngs)
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut_conv = conv(in_channels, out_channels, (1, 1), strides=stride, **kw)
-            self.shortcut_bn = batch_norm(out_channels, bias=bias, rngs=rngs)
-        else:
-            self.shortcut_conv = None
-            self.shortcut_bn = None
+        self._shortcut(in_channels, out_channels, stride, bias, kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         out = scaled_relu(self.bn1(self.conv1(x)))
         out = scaled_relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.shortcut_conv is not None:
-            x = self.shortcut_bn(self.shortcut_conv(x))
-        return scaled_relu(out + x)
+        return self._join(self.bn3(self.conv3(out)), x)
 
 
 class ResNet(nnx.Module):
