@@ -69,7 +69,7 @@ TARGETS: dict[str, Callable[[], tuple[Any, Callable]]] = {
 def _tower(height: int, hyper: float | None, meta: float | None, lr):
     if height == 0:
         return optax.sgd(lr)
-    steps = {"hyper_learning_rate": hyper}
+    steps: dict[str, Any] = {"hyper_learning_rate": hyper}
     if meta is not None:  # Height 1 has no level above the first.
         steps["meta_learning_rate"] = meta
     return agd_optax.hypergradient_tower(optax.sgd, height, learning_rate=lr, **steps)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 import numpy as np
 
@@ -19,8 +19,17 @@ TARGET_FRACTION = 0.95
 HALF_DECADE = (1.0, 3.0)  # The mantissas of a half-decade grid: ..., 1e-3, 3e-3, 1e-2, ...
 
 
-def _finite(x: Any) -> bool:
+def _finite(x: Any) -> TypeGuard[float]:
     return isinstance(x, int | float) and math.isfinite(x)
+
+
+def _default_lr(entry: Entry) -> float:
+    lr = OPTIMIZERS[entry.optimizer].default_lr
+    if lr is None:
+        raise ValueError(
+            f"row {entry.label!r} has a grid but {entry.optimizer} takes no learning rate"
+        )
+    return lr
 
 
 def select_lr(records: Sequence[dict[str, Any]], metric: str = "accuracy") -> float:
@@ -171,7 +180,7 @@ def entries_for(
             continue
         if e.grid:
             if DATASETS[dataset].streamed:  # No held-out split: one fixed, untuned lr.
-                e = dataclasses.replace(e, grid=(OPTIMIZERS[e.optimizer].default_lr,))
+                e = dataclasses.replace(e, grid=(_default_lr(e),))
             elif isinstance(grid, int):
                 e = dataclasses.replace(e, grid=grid_points(min(e.grid), max(e.grid), grid))
             elif isinstance(grid, tuple):

@@ -24,7 +24,8 @@ def _lr_text(cell: dict[str, Any], s: dict[str, Any]) -> str:
         last = [r["curve"][-1].get("learning_rate") for r in cell["final_runs"] if r["curve"]]
         last = [v for v in last if v is not None]
         final = f", last epoch {sum(last) / len(last):.3g}" if last else ""
-        return f"learned from {spec.default_lr:g}{final}"
+        start = "its default" if spec is None or spec.default_lr is None else f"{spec.default_lr:g}"
+        return f"learned from {start}{final}"
     if not cell["tuned"]:
         lr = s["chosen_lrs"][0]
         return "default" if lr is None else f"{lr:g} (fixed)"

@@ -49,6 +49,11 @@ def save_record(workdir: str, key: str, record: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _agd_rule(entry: Entry) -> dict[str, Any]:
+    """The Config field naming AGD's rule, for the rows of ``agd`` only."""
+    return {"agd_rule": entry.agd_rule} if entry.optimizer == "agd" else {}
+
+
 class Runner:
     """Runs single trainings of the training program and records them.
 
@@ -73,7 +78,7 @@ class Runner:
         self.warm_up_dir = "warm_up"  # Under runs_dir; one per process when several train at once.
 
     def config(self, workload: Workload, entry: Entry, lr, seed: int, split: float) -> Config:
-        values = dict(workload.config)
+        values: dict[str, Any] = dict(workload.config)
         values.update(self.overrides)
         return Config(
             **values,
@@ -81,7 +86,7 @@ class Runner:
             optimizer_options=dict(entry.options),
             gain=entry.gain,
             lr=lr,
-            **({"agd_rule": entry.agd_rule} if entry.optimizer == "agd" else {}),
+            **_agd_rule(entry),
             schedule=entry.schedule,
             warmup_epochs=entry.warmup_epochs,
             seed=seed,

@@ -143,7 +143,7 @@ def _mean(values: list[float]) -> float:
 
 
 def _cells(result: dict[str, Any]) -> dict[tuple[int, Any], dict[float, dict[str, float]]]:
-    cells: dict[tuple[int, Any], dict[float, dict[str, float]]] = {}
+    cells: dict[tuple[int, Any], dict[float, dict[str, list[float]]]] = {}
     for r in result["records"]:
         key = (r["height"], r["hyper_lr"])
         cells.setdefault(key, {}).setdefault(r["lr"], {"acc": [], "lr": []})

@@ -163,7 +163,7 @@ _HELDOUT2_ZERO = (*(_row(p) for p in PEERS), _row("agd"), _row("agd_momentum"))
 HELDOUT2_ENTRIES = (*_HELDOUT2_TUNED, *_HELDOUT2_ZERO, *candidate_entries(CANDIDATES))
 # On the LM also AdamW and Muon with the LM recipe: linear warmup over the first epoch (a twelfth
 # of the run, as round one's 25 of 300 steps), then cosine decay to zero, tuned over the peak.
-_LM_RECIPE = dict(schedule="warmup_cosine", warmup_epochs=1.0, grid=HALF_DECADE_LM)
+_LM_RECIPE: dict[str, Any] = dict(schedule="warmup_cosine", warmup_epochs=1.0, grid=HALF_DECADE_LM)
 HELDOUT2_LM_ENTRIES = (
     *_HELDOUT2_TUNED,
     Entry("adamw_warmup_cosine", "adamw", description="AdamW (weight decay 0), warmup over the "
@@ -173,7 +173,9 @@ HELDOUT2_LM_ENTRIES = (
     *_HELDOUT2_ZERO,
     *candidate_entries(CANDIDATES),
 )  # fmt: skip
-_HELDOUT2 = dict(metric="accuracy", entries=HELDOUT2_ENTRIES, extend_grid=EXTEND_GRID)
+_HELDOUT2: dict[str, Any] = dict(
+    metric="accuracy", entries=HELDOUT2_ENTRIES, extend_grid=EXTEND_GRID
+)
 
 SUITES: dict[str, tuple[Workload, ...]] = {
     # A byte-level transformer on the Python standard library's source (no download); an epoch
