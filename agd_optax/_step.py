@@ -299,7 +299,8 @@ def normalise(
     updates = []
     for g, (q, c), leaf in zip(leaves, norms.divisors, plan.leaves):
         leaf_dtype = g.dtype
-        tiny = consts.full(g.shape, float(np.finfo(acc).tiny), acc)
+        # A scalar broadcast, never a constant the size of the leaf (it would be in the program).
+        tiny = lax.broadcast_in_dim(consts.scalar(float(np.finfo(acc).tiny), acc), g.shape, ())
         if (id(q), leaf.scale) not in factors:
             # (eta / L) s broadcast here, for each leaf: shared by the leaves of one shape, the
             # broadcast would be fused into one of their passes only, making it a program apart.
