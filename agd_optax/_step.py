@@ -3,20 +3,21 @@ benchmarks' variants all call.
 
 From flat leaves and their :class:`~agd_optax._plan.Plan`:
 
-1. :func:`measure`: every norm of the step, one sum of squares per leaf, all of them also in one
-   flat vector; one guard (a squared norm that is Inf, or below the smallest value it is exact
-   at) sends the whole tree through the power-of-two rescaled sums of ``_rescale.py`` in one
-   ``lax.cond``, each of whose branches forms the step size on the flat vector
-   (:func:`step_size`: ``G = (1/L) sum_k s_k N_k`` and ``eta``, formed on the scaled norms so
-   that neither over- nor underflows for any finite gradient) and returns each leaf's divisor;
+1. :func:`measure`: every norm of the step, one sum of squares per leaf (and per source: the
+   average's and the gradient's for ``agd_momentum``), all of them also in one flat vector; one
+   guard (a squared norm that is Inf, or below the smallest value it is exact at) sends the whole
+   tree through the power-of-two rescaled sums of ``_rescale.py`` in a second turn of one
+   ``lax.while_loop``, whose turns form the step size on the flat vector (:func:`step_size`:
+   ``G = (1/L) sum_k s_k N_k`` and ``eta``, formed on the scaled norms so that neither over- nor
+   underflows for any finite gradient); then each leaf's divisor;
 2. :func:`normalise`: each leaf's update ``(eta / L) s g / ||g||`` in one elementwise pass.
 
 What XLA takes to compile the update grows with its operations and with its distinct kernels, so
-the kernel keeps both few: per leaf, one reduction and one elementwise pass (two reductions more
-in the ``cond``'s rescaling branch) and a handful of operations on its norms, each reading only
-that leaf's arrays, so that the kernels of leaves of one shape are one program that XLA compiles
-once (an operation that read a leaf's part of a vector shared by the tree would be a kernel of
-its own, compiled for each leaf); the step size is formed once, on the flat vector.
+the kernel keeps both few: per leaf, one reduction (run again with the powers of two only in the
+loop's second turn) and one elementwise pass and a handful of operations on its norms, each
+reading only that leaf's arrays, so that the kernels of leaves of one shape are one program that
+XLA compiles once (an operation that read a leaf's part of a vector shared by the tree would be a
+kernel of its own, compiled for each leaf); the step size is formed once, on the flat vector.
 
 :func:`agd_step` chains the two under ``jax.jit`` (the plan a static argument), so the
 un-jitted update of a notebook runs one compiled program, compiled once per tree. :func:`prepare`
@@ -27,7 +28,6 @@ and the plan.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -91,36 +91,30 @@ def _pmax(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
 
 
 def _squared_norms(
-    sources: list[list[jax.Array]], cs: list[jax.Array], plan: Plan, acc: np.dtype
+    source: list[jax.Array], cs: list[jax.Array], plan: Plan, acc: np.dtype
 ) -> list[jax.Array]:
     """Each leaf's sums of squares of its entries times ``c``, laid out along its
-    ``kept_axes``; with two sources, of both in one reduction (their sums stacked first)."""
+    ``kept_axes``: one reduction of the leaf itself."""
     sums = []
-    for i, (c, leaf) in enumerate(zip(cs, plan.leaves)):
-        xs = [lax.convert_element_type(src[i], acc) for src in sources]
-        if len(xs) == 1:
-            x, kept, axes = xs[0], leaf.kept_axes, leaf.reduce_axes
-        else:  # The same leaf of each source: one sharding, so stacking them keeps it.
-            x = lax.concatenate([lax.expand_dims(x, (0,)) for x in xs], 0)
-            kept = (0, *(a + 1 for a in leaf.kept_axes))
-            axes = tuple(a + 1 for a in leaf.reduce_axes)
-        x = x * lax.broadcast_in_dim(c, x.shape, kept)
-        sums.append(_psum(lax.reduce_sum(x * x, axes), leaf.reduce_mesh))
+    for x, c, leaf in zip(source, cs, plan.leaves):
+        x = lax.convert_element_type(x, acc)
+        x = x * lax.broadcast_in_dim(c, x.shape, leaf.kept_axes)
+        sums.append(_psum(lax.reduce_sum(x * x, leaf.reduce_axes), leaf.reduce_mesh))
     return sums
 
 
-def _flat(xs: list[jax.Array], lead: tuple[int, ...]) -> jax.Array:
-    """Per-leaf arrays of shape ``(*lead, ...)`` as one array ``(*lead, all their entries)``."""
-    m = math.prod(lead)
-    return lax.concatenate([lax.reshape(x, (*lead, x.size // m)) for x in xs], len(lead))
+def _flat(xs: list[jax.Array]) -> jax.Array:
+    """Per-leaf arrays as one vector of all their entries."""
+    return lax.concatenate([lax.reshape(x, (x.size,)) for x in xs], 0)
 
 
-def _suspect(flat: jax.Array, plan: Plan, acc: np.dtype) -> jax.Array:
-    """Whether a plain squared norm (an entry of ``flat``, of shape ``(*lead, entries)``) is
-    Inf or below its threshold (then the rescaled path)."""
+def _suspect(flats: list[jax.Array], plan: Plan, acc: np.dtype) -> jax.Array:
+    """Whether a plain squared norm (an entry of one of ``flats``, each of every leaf's norms
+    in order) is Inf or below its threshold (then the rescaled path)."""
     thresholds = jnp.asarray(plan.per_entry(lambda leaf: leaf.threshold), acc)
-    thresholds = lax.broadcast_in_dim(thresholds, flat.shape, (flat.ndim - 1,))
-    suspect = jnp.any(jnp.isinf(flat) | (flat < thresholds))
+    suspect = functools.reduce(
+        lax.bitwise_or, [jnp.any(jnp.isinf(f) | (f < thresholds)) for f in flats]
+    )
     if plan.mesh_axes:  # Every shard takes the same branch, whose collectives they share.
         suspect = lax.pmax(suspect.astype(jnp.int32), plan.mesh_axes) > 0
     return suspect
@@ -139,14 +133,12 @@ def _whole_norms(q: jax.Array, c: jax.Array | None, leaf, acc: np.dtype):
     return whole, pow2(-top, acc)
 
 
-def _divisors(q, cs, plan: Plan, acc: np.dtype, first: bool = False):
+def _divisors(q, cs, plan: Plan, acc: np.dtype):
     """Per leaf, its divisor ``(q, c)`` (see :class:`Norms`) from every leaf's norms ``(q, c)``
-    (``cs`` None: every ``c`` 1; ``first``: the norms of the first of stacked sources): its
-    own, or for a bias its owner's whole norms (the same arrays for every bias of one owner).
-    Each is formed from the leaf's (or its owner's) own arrays."""
+    (``cs`` None: every ``c`` 1): its own, or for a bias its owner's whole norms (the same
+    arrays for every bias of one owner). Each is formed from the leaf's (or its owner's) own
+    arrays."""
     consts = Constants()
-    if first:
-        q, cs = _Firsts(q), _Firsts(cs)
 
     def whole(o: int) -> tuple[jax.Array, jax.Array]:
         owner = plan.leaves[o]
@@ -177,20 +169,6 @@ def _divisors(q, cs, plan: Plan, acc: np.dtype, first: bool = False):
     return divisors
 
 
-class _Firsts:
-    """Index ``i``: entry 0 of the leading axis of ``arrays[i]``, taken only where used."""
-
-    def __init__(self, arrays: list[jax.Array]) -> None:
-        self.arrays = arrays
-        self.taken: dict[int, jax.Array] = {}
-
-    def __getitem__(self, i: int) -> jax.Array:
-        if i not in self.taken:
-            x = self.arrays[i]
-            self.taken[i] = lax.reshape(lax.slice_in_dim(x, 0, 1), x.shape[1:])
-        return self.taken[i]
-
-
 def measure(
     leaves: list[jax.Array],
     plan: Plan,
@@ -207,11 +185,12 @@ def measure(
     compiled once, not once per branch. The step size, formed over the whole tree on one flat
     vector of every norm, is formed in the loop and only returned: as an output of the loop it
     reaches each leaf's pass as a plain value, where XLA would otherwise copy its computation
-    into every leaf's kernel. With ``step_leaves``, each leaf's sums of both are taken in one
-    reduction.
+    into every leaf's kernel. With ``step_leaves``, each source has its own sums and powers of
+    two, each leaf's sums one reduction of that leaf (a reduction of the two stacked would
+    first copy them, and XLA's CPU backend reduces such a stack an order of magnitude slower
+    than the two arrays apart).
     """
     sources = [leaves] if step_leaves is None else [leaves, step_leaves]
-    lead = () if step_leaves is None else (2,)
     consts = Constants()
 
     # One pair of bounds for the whole tree, those of its longest norm (they hold for every
@@ -225,25 +204,25 @@ def measure(
 
     lo, hi = (consts.full((sum(leaf.size for leaf in plan.leaves),), b, acc) for b in bound)
     ones = [
-        consts.full((*lead, *(x.shape[a] for a in leaf.kept_axes)), 1.0, acc)
+        consts.full(tuple(x.shape[a] for a in leaf.kept_axes), 1.0, acc)
         for x, leaf in zip(leaves, plan.leaves)
     ]
 
     def turn(carry):
         cs, _, previous, _, _, _, first = carry
-        sums = _squared_norms(sources, cs, plan, acc)
-        flat = _flat(sums, lead)
-        step = flat[-1] if lead else flat
+        sums = [_squared_norms(src, c, plan, acc) for src, c in zip(sources, cs)]
+        flats = [_flat(x) for x in sums]
         k = exponents_of_inverse(scales(previous, lo, hi, consts))
-        eta, G = step_size(step, lax.select(first, jnp.zeros_like(k), k), plan, acc)
-        again = _suspect(flat, plan, acc) & first
-        cs = [lax.select(again, clamped(q), c) for q, c in zip(sums, cs)]
-        return cs, sums, step, eta, G, again, jnp.zeros((), bool)
+        eta, G = step_size(flats[-1], lax.select(first, jnp.zeros_like(k), k), plan, acc)
+        again = _suspect(flats, plan, acc) & first
+        cs = [[lax.select(again, clamped(q), c) for q, c in zip(qs, c)] for qs, c in zip(sums, cs)]
+        return cs, sums, flats[-1], eta, G, again, jnp.zeros((), bool)
 
     zero = jnp.zeros((), acc)
-    init = (ones, ones, jnp.ones(lo.shape, acc), zero, zero, True, True)
-    cs, sums, _, eta, G, _, _ = lax.while_loop(lambda carry: carry[5], turn, init)
-    return Norms(_divisors(sums, cs, plan, acc, first=bool(lead)), eta, G)
+    init = ([ones] * len(sources), [ones] * len(sources), jnp.ones(lo.shape, acc), zero, zero)
+    carry = lax.while_loop(lambda carry: carry[5], turn, (*init, True, True))
+    cs, sums, _, eta, G, _, _ = carry
+    return Norms(_divisors(sums[0], cs[0], plan, acc), eta, G)
 
 
 def step_size(q, k, plan: Plan, acc: np.dtype) -> tuple[jax.Array, jax.Array]:
