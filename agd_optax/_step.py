@@ -215,7 +215,10 @@ def measure(
         k = exponents_of_inverse(scales(previous, lo, hi, consts))
         eta, G = step_size(flats[-1], lax.select(first, jnp.zeros_like(k), k), plan, acc)
         again = _suspect(flats, plan, acc) & first
-        cs = [[lax.select(again, clamped(q), c) for q, c in zip(qs, c)] for qs, c in zip(sums, cs)]
+        cs = [
+            [lax.select(again, clamped(q), c) for q, c in zip(qs, powers)]
+            for qs, powers in zip(sums, cs)
+        ]
         return cs, sums, flats[-1], eta, G, again, jnp.zeros((), bool)
 
     zero = jnp.zeros((), acc)
