@@ -93,6 +93,10 @@ def test_mean_std_and_grid_parsing():
     assert imagenet["sgd_momentum"].grid == (0.1,) and not imagenet["sgd_momentum"].tuned
     with pytest.raises(ValueError, match="unknown"):
         compare.entries_for(None, ["nope"], "digits")
+    # A grid on an optimizer that takes no learning rate has no fixed point to fall back on.
+    no_lr = compare.Entry("agd_grid", "agd", grid=(0.5, 2.0))
+    with pytest.raises(ValueError, match="'agd_grid'.*takes no learning rate"):
+        compare.entries_for(None, None, "imagenet", [no_lr])
 
 
 class _FakeRunner:
