@@ -4,29 +4,32 @@ The plain step squares the gradient, so in float32 a leaf whose entries reach ab
 overflows to Inf, and one whose entries are all below about 1e-19 underflows to 0 (or to a few
 subnormal bits), although the norm itself is a normal number. Here the entries summed into each
 norm (a weight's kernel position and stack slice, a norm-layer parameter) are first multiplied by
-a power of two ``c = 2**-k`` read off that norm's plain sum of squares ``q`` (:func:`scales`), so
-that the sum of the scaled squares neither overflows nor loses to underflow anything that counts:
+a power of two ``c`` read off that norm's plain sum of squares ``q`` (:func:`scales`), one of
+three for the whole tree, so that the sum of the scaled squares neither overflows nor loses to
+underflow anything that counts:
 
-* ``q`` a positive float: ``c`` is ``1 / sqrt(q)`` rounded down to a power of two, so the scaled
-  sum lies in about [1/4, 1] (and ``c >= 2**63`` in float32 when ``q`` is subnormal);
-* ``q`` 0 (every square flushed): every entry is below about ``2**-75`` in float32 and, being a
-  normal number, above ``tiny``; one power of two (about ``2**(76 + log2(n) / 2)`` for a norm of
-  ``n`` entries) fits that whole range into the squares' range;
 * ``q`` Inf (or NaN): every entry is below the largest float and the largest one above
-  ``sqrt(max / n)``; again one power of two (about ``2**-(65 + log2(n) / 2)``) fits them.
+  ``sqrt(max / n)`` for a norm of ``n`` entries; one power of two ``lo`` (about
+  ``2**-(65 + log2(n) / 2)``) fits them into the squares' range;
+* ``q`` below its threshold (``LeafPlan.threshold``, about ``n * tiny / eps``; 0 when every
+  square flushed): every entry is below ``sqrt(q)`` and, being a normal number, above ``tiny``;
+  one power of two ``hi`` (about ``2**(76 + log2(n) / 2)``) lifts the smallest normal entry's
+  square well into the normal numbers while the scaled sum ``q * hi**2`` stays below about
+  ``2**(49 + 2 log2(n))``, far from the largest float;
+* otherwise 1: the plain sum is exact to rounding already.
 
-The bounds of the last two cases are taken for the tree's longest norm and hold for every
-shorter one (a shorter norm's scaled sum stays well inside the range), so one pair serves
-the whole tree. Multiplying by a power of two is exact, so wherever the plain sums are exact
-both agree to rounding; this holds for norms of up to ``2**33`` entries each in float32. A norm is kept as
-``(sum of scaled squares, c)``, its value ``sqrt(sum) / c``; the step forms every product that
-could leave the range (G, ``g / ||g||``) on the scaled values (``_step.py``).
+The bounds are taken for the tree's longest norm and hold for every shorter one (a shorter
+norm's scaled sum stays well inside the range), so one pair serves the whole tree, and choosing
+``c`` is two comparisons: no per-leaf transcendental for XLA to compile. Multiplying by a power
+of two is exact, so wherever the plain sums are exact both agree to rounding; this holds for
+norms of up to ``2**33`` entries each in float32. A norm is kept as ``(sum of scaled squares,
+c)``, its value ``sqrt(sum) / c``; the step forms every product that could leave the range (G,
+``g / ||g||``) on the scaled values (``_step.py``).
 
 The rescaled pass is the plain pass again (the same sums of squares, with these ``c`` in place
 of 1: the second turn of the loop in ``_step.measure``), made only when a plain squared norm is
-Inf or below its threshold (``LeafPlan.threshold``), so the usual step pays no extra pass over
-the gradients; and the powers of two come from the plain sums, not from another pass for each
-leaf's largest entry.
+Inf or below its threshold, so the usual step pays no extra pass over the gradients; and the
+powers of two come from the plain sums, not from another pass for each leaf's largest entry.
 """
 
 from __future__ import annotations
@@ -37,14 +40,12 @@ import jax
 import numpy as np
 from jax import lax
 
-from agd_optax._floats import Constants, _bits
-
 __all__ = ["bounds", "scales"]
 
 
 def bounds(summed: int, dtype: np.dtype) -> tuple[float, float]:
-    """The powers of two ``c`` for a plain sum of squares of ``summed`` entries that is Inf (or
-    NaN), and that is 0 (see the module)."""
+    """The powers of two ``(lo, hi)`` for the plain sums of squares of up to ``summed`` entries
+    that are Inf (or NaN), and that are below their threshold (see the module)."""
     info = np.finfo(dtype)
     n = math.log2(max(summed, 1))
     lo = 2.0 ** -(math.floor((info.maxexp + n) / 2) + 1)
@@ -52,11 +53,10 @@ def bounds(summed: int, dtype: np.dtype) -> tuple[float, float]:
     return lo, hi
 
 
-def scales(q: jax.Array, lo: jax.Array, hi: jax.Array, consts: Constants) -> jax.Array:
+def scales(
+    q: jax.Array, threshold: jax.Array, lo: jax.Array, hi: jax.Array, one: jax.Array
+) -> jax.Array:
     """The powers of two ``c`` of the module's docstring, one per plain sum of squares ``q``,
-    in ``q``'s dtype and shape: ``1 / sqrt(q)`` rounded down to a power of two, clamped to
-    ``[lo, hi]`` (scalars, or arrays of ``q``'s shape: see :func:`bounds`)."""
-    ints, mantissa, _ = _bits(q.dtype)
-    mask = consts.full(q.shape, ~((1 << mantissa) - 1), ints)  # Sign and exponent bits.
-    bits = lax.bitwise_and(lax.bitcast_convert_type(lax.rsqrt(q), ints), mask)
-    return lax.clamp(lo, lax.bitcast_convert_type(bits, q.dtype), hi)
+    in ``q``'s dtype and shape: ``lo`` where ``q`` is Inf or NaN, ``hi`` where it is below
+    ``threshold``, ``one`` elsewhere (each an array of ``q``'s shape; see :func:`bounds`)."""
+    return lax.select(lax.is_finite(q), lax.select(lax.lt(q, threshold), hi, one), lo)

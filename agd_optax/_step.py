@@ -108,10 +108,9 @@ def _flat(xs: list[jax.Array]) -> jax.Array:
     return lax.concatenate([lax.reshape(x, (x.size,)) for x in xs], 0)
 
 
-def _suspect(flats: list[jax.Array], plan: Plan, acc: np.dtype) -> jax.Array:
+def _suspect(flats: list[jax.Array], thresholds: jax.Array, plan: Plan) -> jax.Array:
     """Whether a plain squared norm (an entry of one of ``flats``, each of every leaf's norms
     in order) is Inf or below its threshold (then the rescaled path)."""
-    thresholds = jnp.asarray(plan.per_entry(lambda leaf: leaf.threshold), acc)
     suspect = functools.reduce(
         lax.bitwise_or, [jnp.any(jnp.isinf(f) | (f < thresholds)) for f in flats]
     )
@@ -198,11 +197,13 @@ def measure(
     # have one shape, whatever the leaf's length.
     bound = bounds(max(leaf.summed for leaf in plan.leaves), acc)
 
-    def clamped(q):  # The bounds shaped like q, once per shape.
-        lo, hi = (consts.full(q.shape, b, acc) for b in bound)
-        return scales(q, lo, hi, consts)
+    def chosen(q, leaf):  # Each norm's power of two from its plain sum (constants per shape).
+        lo, hi, one, small = (consts.full(q.shape, b, acc) for b in (*bound, 1.0, leaf.threshold))
+        return scales(q, small, lo, hi, one)
 
-    lo, hi = (consts.full((sum(leaf.size for leaf in plan.leaves),), b, acc) for b in bound)
+    size = sum(leaf.size for leaf in plan.leaves)
+    lo, hi, one = (consts.full((size,), b, acc) for b in (*bound, 1.0))
+    thresholds = jnp.asarray(plan.per_entry(lambda leaf: leaf.threshold), acc)
     ones = [
         consts.full(tuple(x.shape[a] for a in leaf.kept_axes), 1.0, acc)
         for x, leaf in zip(leaves, plan.leaves)
@@ -212,17 +213,17 @@ def measure(
         cs, _, previous, _, _, _, first = carry
         sums = [_squared_norms(src, c, plan, acc) for src, c in zip(sources, cs)]
         flats = [_flat(x) for x in sums]
-        k = exponents_of_inverse(scales(previous, lo, hi, consts))
+        k = exponents_of_inverse(scales(previous, thresholds, lo, hi, one))
         eta, G = step_size(flats[-1], lax.select(first, jnp.zeros_like(k), k), plan, acc)
-        again = _suspect(flats, plan, acc) & first
+        again = _suspect(flats, thresholds, plan) & first
         cs = [
-            [lax.select(again, clamped(q), c) for q, c in zip(qs, powers)]
+            [lax.select(again, chosen(q, leaf), c) for q, c, leaf in zip(qs, powers, plan.leaves)]
             for qs, powers in zip(sums, cs)
         ]
         return cs, sums, flats[-1], eta, G, again, jnp.zeros((), bool)
 
     zero = jnp.zeros((), acc)
-    init = ([ones] * len(sources), [ones] * len(sources), jnp.ones(lo.shape, acc), zero, zero)
+    init = ([ones] * len(sources), [ones] * len(sources), one, zero, zero)
     carry = lax.while_loop(lambda carry: carry[5], turn, (*init, True, True))
     cs, sums, _, eta, G, _, _ = carry
     return Norms(_divisors(sums[0], cs[0], plan, acc), eta, G)
