@@ -193,8 +193,8 @@ def measure(
     consts = Constants()
 
     # One pair of bounds for the whole tree, those of its longest norm (they hold for every
-    # shorter one): the kernels that set ``c`` are then one program for every leaf whose norms
-    # have one shape, whatever the leaf's length.
+    # shorter one); the kernels that set ``c`` are one program for every leaf whose norms have
+    # one shape and one threshold (one length).
     bound = bounds(max(leaf.summed for leaf in plan.leaves), acc)
 
     def chosen(q, leaf):  # Each norm's power of two from its plain sum (constants per shape).
