@@ -74,17 +74,25 @@ class Plan:
     depth: int
     mesh_axes: tuple[str, ...]
 
-    def per_entry(self, value) -> np.ndarray:
-        """A static vector over every leaf's norms, flattened in leaf order: ``value(leaf)``
-        at each of a leaf's norms."""
-        return np.concatenate([np.full(leaf.size, float(value(leaf))) for leaf in self.leaves])
+    def measured(self, kinds: Sequence[str]) -> tuple[int, ...]:
+        """The positions of the leaves of the given kinds, in leaf order."""
+        return tuple(i for i, leaf in enumerate(self.leaves) if leaf.kind in kinds)
 
-    def spread(self) -> dict[tuple[str, ...], np.ndarray]:
-        """Inside ``shard_map``: the positions of the flat norms by the mesh axes they are
-        spread over (those sharding the axes that a norm is not summed over)."""
+    def per_entry(self, value, indices: Sequence[int]) -> np.ndarray:
+        """A static vector over the norms of the leaves at ``indices``, flattened in that
+        order: ``value(leaf)`` at each of a leaf's norms."""
+        return np.concatenate(
+            [np.full(self.leaves[i].size, float(value(self.leaves[i]))) for i in indices]
+        )
+
+    def spread(self, indices: Sequence[int]) -> dict[tuple[str, ...], np.ndarray]:
+        """Inside ``shard_map``: the positions of the flat norms of the leaves at ``indices``
+        by the mesh axes they are spread over (those sharding the axes that a norm is not
+        summed over)."""
         out: dict[tuple[str, ...], list[int]] = {}
         start = 0
-        for leaf in self.leaves:
+        for i in indices:
+            leaf = self.leaves[i]
             out.setdefault(leaf.rest_mesh, []).extend(range(start, start + leaf.size))
             start += leaf.size
         return {axes: np.asarray(entries) for axes, entries in out.items()}

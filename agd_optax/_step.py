@@ -3,21 +3,26 @@ benchmarks' variants all call.
 
 From flat leaves and their :class:`~agd_optax._plan.Plan`:
 
-1. :func:`measure`: every norm of the step, one sum of squares per leaf (and per source: the
-   average's and the gradient's for ``agd_momentum``), all of them also in one flat vector; one
-   guard (a squared norm that is Inf, or below the smallest value it is exact at) sends the whole
-   tree through the power-of-two rescaled sums of ``_rescale.py`` in a second turn of one
-   ``lax.while_loop``, whose turns form the step size on the flat vector (:func:`step_size`:
-   ``G = (1/L) sum_k s_k N_k`` and ``eta``, formed on the scaled norms so that neither over- nor
-   underflows for any finite gradient); then each leaf's divisor;
+1. :func:`measure`: every norm the step uses, one sum of squares per leaf that has a divisor of
+   its own (a weight or a norm-layer parameter; a bias is divided by its weight's norms) and,
+   for ``agd_momentum``, one per weight of the gradient (the norms in G), all of them also in
+   one flat vector; the other leaves are only checked for NaN and Inf (a sum of their entries
+   times 0, which no finite entry overflows); one guard (a squared norm that is Inf, or below
+   the smallest value it is exact at) sends every measured leaf through the power-of-two
+   rescaled sums of ``_rescale.py`` in a second turn of one ``lax.while_loop``, whose turns
+   form the step size on the flat vector (:func:`step_size`: ``G = (1/L) sum_k s_k N_k`` and
+   ``eta``, formed on the scaled norms so that neither over- nor underflows for any finite
+   gradient); then each leaf's divisor;
 2. :func:`normalise`: each leaf's update ``(eta / L) s g / ||g||`` in one elementwise pass.
 
 What XLA takes to compile the update grows with its operations and with its distinct kernels, so
-the kernel keeps both few: per leaf, one reduction (run again with the powers of two only in the
-loop's second turn) and one elementwise pass and a handful of operations on its norms, each
-reading only that leaf's arrays, so that the kernels of leaves of one shape are one program that
-XLA compiles once (an operation that read a leaf's part of a vector shared by the tree would be a
-kernel of its own, compiled for each leaf); the step size is formed once, on the flat vector.
+the kernel keeps both few: per leaf, at most one reduction (run again with the powers of two only
+in the loop's second turn) and one elementwise pass and a handful of operations on its norms,
+each reading only that leaf's arrays, so that the kernels of leaves of one shape are one program
+that XLA compiles once (an operation that read a leaf's part of a vector shared by the tree would
+be a kernel of its own, compiled for each leaf); the step size is formed once, on the flat
+vector. A reduction over an axis longer than 32 is taken on a view of the leaf with shorter
+axes (:func:`_view`), which XLA's CPU backend reduces in one kernel rather than three.
 
 :func:`agd_step` chains the two under ``jax.jit`` (the plan a static argument), so the
 un-jitted update of a notebook runs one compiled program, compiled once per tree. :func:`prepare`
@@ -28,6 +33,7 @@ and the plan.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -40,6 +46,7 @@ from agd_optax._floats import (
     LARGE_G_LOG2,
     Constants,
     eta_of,
+    exponents,
     exponents_of_inverse,
     pow2,
     pow2_down,
@@ -90,17 +97,83 @@ def _pmax(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
     return lax.pmax(x, axes) if axes else x
 
 
+# XLA's CPU backend splits a reduction over an axis longer than this into three kernels (the
+# squares materialised, a windowed partial sum and a final sum) unless the leaf is large.
+_WIDEST = 32
+
+
+def _factors(n: int) -> tuple[int, ...] | None:
+    """``n`` as a product of factors of at most ``_WIDEST``, or None if a prime factor is larger."""
+    parts = []
+    while n > _WIDEST:
+        f = next((f for f in range(_WIDEST, 1, -1) if n % f == 0), None)
+        if f is None:
+            return None
+        parts.append(f)
+        n //= f
+    return (*parts, n)
+
+
+def _view(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, tuple[int, ...]]:
+    """``x`` with each run of adjacent ``axes`` that has an axis longer than ``_WIDEST`` viewed
+    as factors of at most ``_WIDEST``, and the viewed positions of ``axes``: the same sums in
+    one reduction kernel. The view is behind ``lax.optimization_barrier`` (XLA would fold it
+    back into the reduction); an explicitly sharded array is left as it is."""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    if spec is not None and any(p is not None for p in spec):
+        return x, axes
+    shape: list[int] = []
+    viewed: list[int] = []
+    a = 0
+    while a < x.ndim:
+        b = a + 1
+        if a in axes:
+            while b < x.ndim and b in axes:
+                b += 1
+        run = tuple(x.shape[a:b])
+        parts = _factors(math.prod(run)) if a in axes and max(run) > _WIDEST else None
+        parts = run if parts is None else parts
+        if a in axes:
+            viewed.extend(range(len(shape), len(shape) + len(parts)))
+        shape.extend(parts)
+        a = b
+    if tuple(shape) == x.shape:
+        return x, axes
+    return lax.optimization_barrier(lax.reshape(x, tuple(shape))), tuple(viewed)
+
+
 def _squared_norms(
-    source: list[jax.Array], cs: list[jax.Array], plan: Plan, acc: np.dtype
+    source: list[jax.Array],
+    cs: list[jax.Array],
+    indices: tuple[int, ...],
+    plan: Plan,
+    acc: np.dtype,
 ) -> list[jax.Array]:
-    """Each leaf's sums of squares of its entries times ``c``, laid out along its
-    ``kept_axes``: one reduction of the leaf itself."""
+    """The sums of squares of the entries of the leaves at ``indices``, each times its ``c``
+    (laid out along its norms, or one scalar), laid out along the leaf's ``kept_axes``: one
+    reduction of the leaf itself."""
     sums = []
-    for x, c, leaf in zip(source, cs, plan.leaves):
-        x = lax.convert_element_type(x, acc)
-        x = x * lax.broadcast_in_dim(c, x.shape, leaf.kept_axes)
-        sums.append(_psum(lax.reduce_sum(x * x, leaf.reduce_axes), leaf.reduce_mesh))
+    for i, c in zip(indices, cs):
+        leaf = plan.leaves[i]
+        x = lax.convert_element_type(source[i], acc)
+        dims = leaf.kept_axes if c.ndim else ()  # A scalar c: one for every norm of the leaf.
+        x, axes = _view(x * lax.broadcast_in_dim(c, x.shape, dims), leaf.reduce_axes)
+        sums.append(_psum(lax.reduce_sum(x * x, axes), leaf.reduce_mesh))
     return sums
+
+
+def _nonfinite(source: list[jax.Array], skip: tuple[int, ...], plan: Plan, acc: np.dtype):
+    """0, or NaN when an entry of a leaf of ``source`` outside ``skip`` is NaN or Inf (None if
+    every leaf is in ``skip``): each leaf's sum of its entries times 0, a sum that cannot
+    overflow, where a sum of squares would for large finite entries."""
+    parts = []
+    for i, x in enumerate(source):
+        if i not in skip:
+            x, axes = _view(lax.convert_element_type(x, acc), tuple(range(x.ndim)))
+            parts.append(lax.reduce_sum(x * jnp.zeros((), acc), axes))
+    if not parts:
+        return None
+    return _psum(jnp.sum(jnp.stack(parts)), plan.mesh_axes)
 
 
 def _flat(xs: list[jax.Array]) -> jax.Array:
@@ -108,11 +181,12 @@ def _flat(xs: list[jax.Array]) -> jax.Array:
     return lax.concatenate([lax.reshape(x, (x.size,)) for x in xs], 0)
 
 
-def _suspect(flats: list[jax.Array], thresholds: jax.Array, plan: Plan) -> jax.Array:
-    """Whether a plain squared norm (an entry of one of ``flats``, each of every leaf's norms
-    in order) is Inf or below its threshold (then the rescaled path)."""
+def _suspect(flats: list[jax.Array], thresholds: list[jax.Array], plan: Plan) -> jax.Array:
+    """Whether a plain squared norm (an entry of one of ``flats``, each source's norms in
+    order) is Inf or below its threshold (the same entry of ``thresholds``): then the rescaled
+    path."""
     suspect = functools.reduce(
-        lax.bitwise_or, [jnp.any(jnp.isinf(f) | (f < thresholds)) for f in flats]
+        lax.bitwise_or, [jnp.any(jnp.isinf(f) | (f < t)) for f, t in zip(flats, thresholds)]
     )
     if plan.mesh_axes:  # Every shard takes the same branch, whose collectives they share.
         suspect = lax.pmax(suspect.astype(jnp.int32), plan.mesh_axes) > 0
@@ -178,8 +252,10 @@ def measure(
     from the plain sums of squares or, when one of them is Inf or below its threshold, from the
     sums rescaled by the powers of two of ``_rescale.py``.
 
-    One ``lax.while_loop`` over the tree: its first turn takes the plain sums (every ``c`` 1)
-    and, only when one of them is suspect, sets each norm's ``c`` and takes one more turn,
+    One ``lax.while_loop`` over the leaves whose norms are used (every leaf but the biases,
+    whose divisors are their weights' norms; of ``step_leaves``, the weights, the only norms in
+    G): its first turn takes the plain sums (every ``c`` 1) and, only when one of them is
+    suspect, sets each norm's ``c`` and takes one more turn,
     which ends it. So the usual step makes one pass over each leaf, and the passes are
     compiled once, not once per branch. The step size, formed over the whole tree on one flat
     vector of every norm, is formed in the loop and only returned: as an output of the loop it
@@ -187,9 +263,18 @@ def measure(
     into every leaf's kernel. With ``step_leaves``, each source has its own sums and powers of
     two, each leaf's sums one reduction of that leaf (a reduction of the two stacked would
     first copy them, and XLA's CPU backend reduces such a stack an order of magnitude slower
-    than the two arrays apart).
+    than the two arrays apart). The step source's other leaves (biases; for ``step_leaves`` the
+    norm-layer parameters too) are checked outside the loop: a NaN or Inf entry in one makes G
+    and eta NaN, as one in a measured leaf does, and a large finite one changes nothing (its
+    squares, which might overflow, are never taken).
     """
-    sources = [leaves] if step_leaves is None else [leaves, step_leaves]
+    separate = step_leaves is not None
+    step_source = leaves if step_leaves is None else step_leaves
+    # The norms each source takes: those of every leaf with a divisor of its own (a bias is
+    # divided by its weight's norms) and, from a separate step source, only the weights' (the
+    # only norms in G). The step source's other leaves are only checked for NaN and Inf.
+    owners = plan.measured(("weight", "norm"))
+    indices = [owners, plan.measured(("weight",))] if separate else [owners]
     consts = Constants()
 
     # One pair of bounds for the whole tree, those of its longest norm (they hold for every
@@ -201,45 +286,86 @@ def measure(
         lo, hi, one, small = (consts.full(q.shape, b, acc) for b in (*bound, 1.0, leaf.threshold))
         return scales(q, small, lo, hi, one)
 
-    size = sum(leaf.size for leaf in plan.leaves)
-    lo, hi, one = (consts.full((size,), b, acc) for b in (*bound, 1.0))
-    thresholds = jnp.asarray(plan.per_entry(lambda leaf: leaf.threshold), acc)
+    thresholds = [jnp.asarray(plan.per_entry(lambda leaf: leaf.threshold, i), acc) for i in indices]
+    lo, hi, one = (consts.full(thresholds[-1].shape, b, acc) for b in (*bound, 1.0))
+    largest = max(plan.leaves[i].threshold for i in indices[-1])
     ones = [
-        consts.full(tuple(x.shape[a] for a in leaf.kept_axes), 1.0, acc)
-        for x, leaf in zip(leaves, plan.leaves)
+        consts.full(tuple(leaves[i].shape[a] for a in plan.leaves[i].kept_axes), 1.0, acc)
+        for i in owners
     ]
 
     def turn(carry):
-        cs, _, previous, _, _, _, first = carry
-        sums = [_squared_norms(src, c, plan, acc) for src, c in zip(sources, cs)]
+        cs, common, _, previous, _, _, _, first = carry
+        sums = [_squared_norms(leaves, cs, owners, plan, acc)]
+        if separate:  # One power of two for all of G's norms (see _common_scale).
+            sums.append(
+                _squared_norms(step_source, [common] * len(indices[1]), indices[1], plan, acc)
+            )
+            k = lax.broadcast(exponents_of_inverse(common), thresholds[-1].shape)
+        else:
+            k = exponents_of_inverse(scales(previous, thresholds[-1], lo, hi, one))
         flats = [_flat(x) for x in sums]
-        k = exponents_of_inverse(scales(previous, thresholds, lo, hi, one))
-        eta, G = step_size(flats[-1], lax.select(first, jnp.zeros_like(k), k), plan, acc)
+        eta, G = step_size(
+            flats[-1], lax.select(first, jnp.zeros_like(k), k), plan, acc, indices[-1]
+        )
         again = _suspect(flats, thresholds, plan) & first
         cs = [
-            [lax.select(again, chosen(q, leaf), c) for q, c, leaf in zip(qs, powers, plan.leaves)]
-            for qs, powers in zip(sums, cs)
+            lax.select(again, chosen(q, plan.leaves[i]), c) for q, c, i in zip(sums[0], cs, owners)
         ]
-        return cs, sums, flats[-1], eta, G, again, jnp.zeros((), bool)
+        if separate:
+            common = lax.select(again, _common_scale(flats[-1], largest, bound, plan, acc), common)
+        return cs, common, sums[0], flats[-1], eta, G, again, jnp.zeros((), bool)
 
-    zero = jnp.zeros((), acc)
-    init = ([ones] * len(sources), [ones] * len(sources), one, zero, zero)
-    carry = lax.while_loop(lambda carry: carry[5], turn, (*init, True, True))
-    cs, sums, _, eta, G, _, _ = carry
-    return Norms(_divisors(sums[0], cs[0], plan, acc), eta, G)
+    zero, unit = jnp.zeros((), acc), jnp.ones((), acc)
+    init = (ones, unit, ones, one, zero, zero, True, True)
+    cs, _, sums, _, eta, G, _, _ = lax.while_loop(lambda carry: carry[6], turn, init)
+    bad = _nonfinite(step_source, indices[-1], plan, acc)
+    if bad is not None:  # NaN or Inf in a leaf whose norm is not in G: G and eta NaN.
+        eta, G = eta + bad, G + bad
+    own, powers = (_by_leaf(x, owners, plan) for x in (sums, cs))
+    return Norms(_divisors(own, powers, plan, acc), eta, G)
 
 
-def step_size(q, k, plan: Plan, acc: np.dtype) -> tuple[jax.Array, jax.Array]:
-    """(eta, G) of the flat norms ``sqrt(q) * 2**k`` (``k`` None: all 0).
+def _common_scale(q: jax.Array, threshold: float, bound, plan: Plan, acc: np.dtype) -> jax.Array:
+    """One power of two for every norm in G, from their plain sums ``q``: ``lo`` of ``bound``
+    when one is Inf or NaN, ``hi`` when the largest is below ``threshold`` (the largest of
+    theirs: every sum is then below its own), else ``2**-(e // 2)`` for the largest's binary
+    exponent ``e``, which brings the largest near 1.
+
+    G is a sum, so one power of two serves all its norms, where each divisor needs its own:
+    every norm within about ``2**60`` of the largest is then exact to rounding, and a smaller
+    one, whose squares may be flushed, is below G's rounding. The bounds are those of
+    ``_rescale.py``: with ``lo`` the largest sum fits the range, with ``hi`` the smallest normal
+    entries' squares are normal numbers."""
+    m = _pmax(jnp.max(q), plan.mesh_axes)
+    lo, hi = (jnp.asarray(b, acc) for b in bound)
+    near = pow2(-lax.shift_right_arithmetic(exponents(m), np.int32(1)), acc)
+    return lax.select(lax.is_finite(m), lax.select(m < threshold, hi, near), lo)
+
+
+def _by_leaf(xs: list[Any], indices: tuple[int, ...], plan: Plan) -> list[Any]:
+    """Per-leaf values of the leaves at ``indices`` placed at their positions (None elsewhere)."""
+    out: list[Any] = [None] * len(plan.leaves)
+    for i, x in zip(indices, xs):
+        out[i] = x
+    return out
+
+
+def step_size(
+    q, k, plan: Plan, acc: np.dtype, indices: tuple[int, ...]
+) -> tuple[jax.Array, jax.Array]:
+    """(eta, G) of the flat norms ``sqrt(q) * 2**k`` (``k`` None: all 0) of the leaves at
+    ``indices``.
 
     G is formed as ``2**top * sum_k s_k r_k 2**(k - top)``, with ``top`` the largest exponent
     of a weight's norm, so that the sum is finite for finite gradients; a G beyond the dtype's
-    range is Inf, and eta is then ``log(G) / 2`` from the scaled sum. The other norms enter as
-    0 times themselves: a NaN or Inf in any gradient makes G NaN, and so every update. The work
+    range is Inf, and eta is then ``log(G) / 2`` from the scaled sum. The other norms (of
+    norm-layer parameters) enter as 0 times themselves: a NaN or Inf in one makes G NaN, and
+    so every update. The work
     is a few operations on the flat vector of norms and one dot product (one per set of mesh
     axes that the leaves' norms are spread over, inside ``shard_map``).
     """
-    scales = plan.per_entry(lambda leaf: leaf.scale * (leaf.kind == "weight"))
+    scales = plan.per_entry(lambda leaf: leaf.scale * (leaf.kind == "weight"), indices)
     r = lax.sqrt(q)
     if k is None:
         top = jnp.int32(0)
@@ -249,7 +375,7 @@ def step_size(q, k, plan: Plan, acc: np.dtype) -> tuple[jax.Array, jax.Array]:
         r = r * pow2_down(jnp.where(scales > 0, k - top, 0), acc)
     if plan.mesh_axes:
         total = jnp.zeros([], acc)
-        for axes, part in plan.spread().items():
+        for axes, part in plan.spread(indices).items():
             own = jnp.dot(jnp.asarray(scales[part], acc), r[part]) + 0.0 * jnp.sum(r[part])
             total = total + _psum(own, axes)
     else:

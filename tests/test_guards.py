@@ -373,3 +373,65 @@ def test_norms_at_both_ends_of_the_range_in_one_step(x64, make, dtype, seed):
     assert state[0].eta.dtype == jnp.float32 and want_state[0].eta.dtype == jnp.float64
     assert float(state[0].eta) == pytest.approx(float(want_state[0].eta), rel=1e-6)
     _assert_updates_match(updates, want, dtype, every_layer_moves=False)
+
+
+@pytest.mark.parametrize("make", [agd_optax.agd, agd_optax.agd_momentum])
+def test_a_bias_whose_squares_overflow_moves_with_its_weight(x64, make):
+    """A bias is divided by its weight's norm, and its own norm enters nothing: entries of 1e30,
+    whose squares overflow float32, leave G and eta those of the weights and move the bias by
+    its weight's step (against the same update in float64)."""
+    rng = np.random.default_rng(5)
+    grads = {
+        "dense": {"kernel": rng.standard_normal((4, 3)), "bias": rng.standard_normal(3) * 1e30},
+        "norm": {"scale": rng.standard_normal(3)},
+    }
+    params = jax.tree.map(np.ones_like, grads)
+    tx = make()
+    narrow = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), (grads, params))
+    updates, state = jax.jit(tx.update)(narrow[0], tx.init(narrow[1]), narrow[1])
+    want, want_state = jax.jit(tx.update)(grads, tx.init(params), params)
+    calm = {**narrow[0], "dense": {**narrow[0]["dense"], "bias": jnp.ones(3, jnp.float32)}}
+    _, calm_state = jax.jit(tx.update)(calm, tx.init(narrow[1]), narrow[1])
+    assert float(state[0].eta) == float(calm_state[0].eta)
+    assert float(state[0].eta) == pytest.approx(float(want_state[0].eta), rel=1e-6)
+    _assert_updates_match(updates, want, jnp.float32, every_layer_moves=True)
+
+
+@pytest.mark.parametrize("make", [agd_optax.agd, agd_optax.agd_momentum])
+@pytest.mark.parametrize("leaf", [("dense", "bias"), ("norm", "scale")])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_nonfinite_entry_outside_the_weights_makes_every_update_nan(make, leaf, bad):
+    """A NaN or Inf in a bias or a norm-layer gradient, whose norms are not in G, still makes
+    eta, G and every update NaN, as one in a weight's gradient does."""
+    rng = np.random.default_rng(6)
+    grads = {
+        "dense": {"kernel": rng.standard_normal((4, 3)), "bias": rng.standard_normal(3)},
+        "norm": {"scale": rng.standard_normal(3)},
+    }
+    grads = jax.tree.map(lambda x: np.asarray(x, np.float32), grads)
+    grads[leaf[0]][leaf[1]][1] = bad
+    params = jax.tree.map(np.ones_like, grads)
+    tx = make()
+    updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+    assert math.isnan(float(state[0].eta)) and math.isnan(float(state[0].G))
+    assert all(np.all(np.isnan(u)) for u in jax.tree.leaves(updates))
+
+
+@pytest.mark.parametrize("make", [agd_optax.agd, agd_optax.agd_momentum])
+def test_a_small_norm_beside_one_in_the_exact_range_counts_in_G(x64, make):
+    """A weight whose gradient's squares are subnormal (entries of 1e-20) beside one whose plain
+    sum of squares is exact (entries of 1e-15): G, of which the smaller is a part in 1e5, is
+    exact to float32 rounding, and each layer moves by its own step."""
+    rng = np.random.default_rng(7)
+    grads = {
+        "a": {"kernel": rng.standard_normal((4, 4)) * 1e-15},
+        "b": {"kernel": rng.standard_normal((4, 4)) * 1e-20},
+    }
+    params = jax.tree.map(np.ones_like, grads)
+    tx = make()
+    narrow = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), (grads, params))
+    updates, state = jax.jit(tx.update)(narrow[0], tx.init(narrow[1]), narrow[1])
+    want, want_state = jax.jit(tx.update)(grads, tx.init(params), params)
+    assert float(state[0].G) == pytest.approx(float(want_state[0].G), rel=1e-6)
+    assert float(state[0].eta) == pytest.approx(float(want_state[0].eta), rel=1e-6)
+    _assert_updates_match(updates, want, jnp.float32, every_layer_moves=True)
