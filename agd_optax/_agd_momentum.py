@@ -49,7 +49,8 @@ def _momentum_step(grads, momentum, decay, plan: Plan, acc):
                 lax.broadcast_in_dim(jnp.asarray(d, acc), m.shape, ()) for d in decay
             )
         old, new = weights[m.shape]
-        mixed = old * lax.convert_element_type(m, acc) + new * lax.convert_element_type(g, acc)
+        m_acc, g_acc = (lax.convert_element_type(x, acc) for x in (m, g))
+        mixed = lax.add(lax.mul(old, m_acc), lax.mul(new, g_acc))
         average.append(lax.convert_element_type(mixed, m.dtype))
     norms = measure(average, plan, acc, step_leaves=grads)
     return normalise(average, norms, norms.eta, plan, acc), average, norms.eta, norms.G

@@ -157,8 +157,8 @@ def _squared_norms(
         leaf = plan.leaves[i]
         x = lax.convert_element_type(source[i], acc)
         dims = leaf.kept_axes if c.ndim else ()  # A scalar c: one for every norm of the leaf.
-        x, axes = _view(x * lax.broadcast_in_dim(c, x.shape, dims), leaf.reduce_axes)
-        sums.append(_psum(lax.reduce_sum(x * x, axes), leaf.reduce_mesh))
+        x, axes = _view(lax.mul(x, lax.broadcast_in_dim(c, x.shape, dims)), leaf.reduce_axes)
+        sums.append(_psum(lax.reduce_sum(lax.mul(x, x), axes), leaf.reduce_mesh))
     return sums
 
 
@@ -170,7 +170,7 @@ def _nonfinite(source: list[jax.Array], skip: tuple[int, ...], plan: Plan, acc: 
     for i, x in enumerate(source):
         if i not in skip:
             x, axes = _view(lax.convert_element_type(x, acc), tuple(range(x.ndim)))
-            parts.append(lax.reduce_sum(x * jnp.zeros((), acc), axes))
+            parts.append(lax.reduce_sum(lax.mul(x, lax.full(x.shape, 0.0, acc)), axes))
     if not parts:
         return None
     return _psum(jnp.sum(jnp.stack(parts)), plan.mesh_axes)
@@ -415,16 +415,18 @@ def normalise(
             # broadcast would be fused into one of their passes only, making it a program apart.
             zeros = consts.full(q.shape, 0.0, acc)
             inverse = lax.select(lax.gt(q, zeros), lax.rsqrt(q), zeros)
-            steps = lax.broadcast_in_dim(step * leaf.scale, q.shape, ())
-            factors[id(q), leaf.scale] = inverse * steps
+            steps = lax.broadcast_in_dim(lax.mul(step, consts.scalar(leaf.scale, acc)), q.shape, ())
+            factors[id(q), leaf.scale] = lax.mul(inverse, steps)
         factor = factors[id(q), leaf.scale]
         dims = leaf.divisor_axes
         g = lax.convert_element_type(g, acc)
         c, factor = (lax.broadcast_in_dim(x, g.shape, dims) for x in (c, factor))
-        scaled = g * c
+        scaled = lax.mul(g, c)
         # Where g * c falls below the normal numbers and the factor (about (eta / L) s) lifts
         # it back, multiply by the factor first (it cannot overflow there: see the docstring).
-        u = lax.select(lax.lt(lax.abs(scaled), tiny), (g * factor) * c, scaled * factor)
+        u = lax.select(
+            lax.lt(lax.abs(scaled), tiny), lax.mul(lax.mul(g, factor), c), lax.mul(scaled, factor)
+        )
         updates.append(lax.convert_element_type(u, leaf_dtype))
     return updates
 
