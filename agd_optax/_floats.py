@@ -25,6 +25,7 @@ __all__ = [
     "max_keep",
     "pow2",
     "pow2_down",
+    "root_of_even_pow2",
     "safe_inverse",
     "sum_keep",
 ]
@@ -71,6 +72,15 @@ def exponents(m: jax.Array) -> jax.Array:
     biased = lax.shift_right_logical(lax.bitcast_convert_type(m, ints), ints.type(mantissa))
     k = lax.convert_element_type(biased, np.int32) - np.int32(bias - 1)
     return lax.clamp(np.int32(info.minexp + 1), k, np.int32(info.maxexp - 2))
+
+
+def root_of_even_pow2(c: jax.Array) -> jax.Array:
+    """``sqrt(c)`` of a normal power of two ``c = 2**(2 j)``, exact, from its bits: halving the
+    biased exponent and adding back half the bias (a few integer operations, which XLA copies
+    into each consumer's kernel, where ``lax.sqrt`` would be a kernel of its own)."""
+    ints, mantissa, bias = _bits(c.dtype)
+    half = lax.shift_right_logical(lax.bitcast_convert_type(c, ints), ints.type(1))
+    return lax.bitcast_convert_type(half + ints.type(bias << (mantissa - 1)), c.dtype)
 
 
 def exponents_of_inverse(c: jax.Array) -> jax.Array:

@@ -45,12 +45,14 @@ __all__ = ["bounds", "scales"]
 
 def bounds(summed: int, dtype: np.dtype) -> tuple[float, float]:
     """The powers of two ``(lo, hi)`` for the plain sums of squares of up to ``summed`` entries
-    that are Inf (or NaN), and that are below their threshold (see the module)."""
+    that are Inf (or NaN), and that are below their threshold (see the module), each an even
+    power of two, whose square root ``_step.normalise`` splits between its two products."""
     info = np.finfo(dtype)
     n = math.log2(max(summed, 1))
-    lo = 2.0 ** -(math.floor((info.maxexp + n) / 2) + 1)
-    hi = 2.0 ** (math.ceil((n + info.nmant - info.minexp) / 2) + 1)
-    return lo, hi
+    down = math.floor((info.maxexp + n) / 2) + 1
+    up = math.ceil((n + info.nmant - info.minexp) / 2) + 1
+    # Even exponents (one binade further out at most): the square root of each is exact.
+    return 2.0 ** -(down + down % 2), 2.0 ** (up + up % 2)
 
 
 def scales(

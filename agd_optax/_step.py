@@ -50,6 +50,7 @@ from agd_optax._floats import (
     exponents_of_inverse,
     pow2,
     pow2_down,
+    root_of_even_pow2,
 )
 from agd_optax._layouts import resolve_layouts
 from agd_optax._plan import Plan, make_plan
@@ -391,25 +392,26 @@ def step_size(
 def normalise(
     leaves: list[jax.Array], norms: Norms, eta: jax.Array, plan: Plan, acc: np.dtype
 ) -> list[jax.Array]:
-    """Each leaf's ``(eta / L) s g / ||g||`` in the leaf's dtype, formed as
-    ``(g * c) * ((eta / L) s / sqrt(q))`` for its divisor ``sqrt(q) / c``, so that no factor
-    leaves the range (0 for a zero norm): one elementwise pass per leaf, the same kernel for
-    leaves of one shape and scale.
+    """Each leaf's ``(eta / L) s g / ||g||`` in the leaf's dtype, formed from its divisor
+    ``sqrt(q) / c`` and ``factor = (eta / L) s / sqrt(q)`` (0 for a zero norm) as
+    ``(g * r) * (factor * r)`` with ``r = sqrt(c)``: one elementwise pass per leaf, the same
+    kernel for leaves of one shape and scale.
 
-    An entry whose ``g * c`` is below the normal numbers (a tiny entry of a leaf, or a bias
-    beside its weight's much larger norm) is formed as ``(g * factor) * c`` instead, so that a
-    factor above 1 does not leave it flushed to 0 when its update is a normal number; there
-    ``|g * factor| < tiny * factor / c``, far below the largest float for every ``c`` that
-    ``_rescale.bounds`` allows (at least about ``2**-(65 + log2(n) / 2)``) and any factor
-    the step size makes."""
+    Every ``c`` is 1 or an even power of two (``_rescale.bounds``), so ``r`` is exact, and
+    splitting it between the two products keeps both in the range for any finite gradient:
+    where ``c`` is ``lo`` (a norm above about ``2**64``), ``factor * r`` is ``(eta / L) s``
+    over the norm times ``sqrt(lo)``, and ``g * r`` is at most the largest float times
+    ``sqrt(lo)``; where ``c`` is ``hi`` (a norm below about ``2**-50``), ``g * r`` lifts the
+    smallest normal entries to about ``2**-88`` while ``factor * r`` stays below
+    ``(eta / L) s 2**88``. So an update that is a normal number is one, whether the entry is
+    far below its norm (a tiny entry, a bias beside its weight's large norm) or far above it
+    (a bias beside its weight's small norm); on the plain path ``r`` is 1 and the update is
+    ``g * factor``."""
     consts = Constants()
     step = eta / plan.depth
     factors: dict[tuple, jax.Array] = {}  # A weight's and its bias's are one.
     updates = []
     for g, (q, c), leaf in zip(leaves, norms.divisors, plan.leaves):
-        leaf_dtype = g.dtype
-        # A scalar broadcast, never a constant the size of the leaf (it would be in the program).
-        tiny = lax.broadcast_in_dim(consts.scalar(float(np.finfo(acc).tiny), acc), g.shape, ())
         if (id(q), leaf.scale) not in factors:
             # (eta / L) s broadcast here, for each leaf: shared by the leaves of one shape, the
             # broadcast would be fused into one of their passes only, making it a program apart.
@@ -417,17 +419,13 @@ def normalise(
             inverse = lax.select(lax.gt(q, zeros), lax.rsqrt(q), zeros)
             steps = lax.broadcast_in_dim(lax.mul(step, consts.scalar(leaf.scale, acc)), q.shape, ())
             factors[id(q), leaf.scale] = lax.mul(inverse, steps)
-        factor = factors[id(q), leaf.scale]
-        dims = leaf.divisor_axes
-        g = lax.convert_element_type(g, acc)
-        c, factor = (lax.broadcast_in_dim(x, g.shape, dims) for x in (c, factor))
-        scaled = lax.mul(g, c)
-        # Where g * c falls below the normal numbers and the factor (about (eta / L) s) lifts
-        # it back, multiply by the factor first (it cannot overflow there: see the docstring).
-        u = lax.select(
-            lax.lt(lax.abs(scaled), tiny), lax.mul(lax.mul(g, factor), c), lax.mul(scaled, factor)
+        root = root_of_even_pow2(c)
+        first, second = (
+            lax.broadcast_in_dim(x, g.shape, leaf.divisor_axes)
+            for x in (root, lax.mul(factors[id(q), leaf.scale], root))
         )
-        updates.append(lax.convert_element_type(u, leaf_dtype))
+        u = lax.mul(lax.mul(lax.convert_element_type(g, acc), first), second)
+        updates.append(lax.convert_element_type(u, g.dtype))
     return updates
 
 
