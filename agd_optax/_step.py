@@ -330,11 +330,12 @@ def measure(
 def _common_scale(q: jax.Array, threshold: float, bound, plan: Plan, acc: np.dtype) -> jax.Array:
     """One power of two for every norm in G, from their plain sums ``q``: ``lo`` of ``bound``
     when one is Inf or NaN, ``hi`` when the largest is below ``threshold`` (the largest of
-    theirs: every sum is then below its own), else ``2**-(e // 2)`` for the largest's binary
-    exponent ``e``, which brings the largest near 1.
+    their thresholds, so every scaled sum stays below ``threshold * hi**2``, far from the
+    largest float), else ``2**-(e // 2)`` for the largest's binary exponent ``e``, which brings
+    the largest near 1.
 
     G is a sum, so one power of two serves all its norms, where each divisor needs its own:
-    every norm within about ``2**60`` of the largest is then exact to rounding, and a smaller
+    every norm within about ``2**50`` of the largest is then exact to rounding, and a smaller
     one, whose squares may be flushed, is below G's rounding. The bounds are those of
     ``_rescale.py``: with ``lo`` the largest sum fits the range, with ``hi`` the smallest normal
     entries' squares are normal numbers."""
