@@ -435,3 +435,22 @@ def test_a_small_norm_beside_one_in_the_exact_range_counts_in_G(x64, make):
     assert float(state[0].G) == pytest.approx(float(want_state[0].G), rel=1e-6)
     assert float(state[0].eta) == pytest.approx(float(want_state[0].eta), rel=1e-6)
     _assert_updates_match(updates, want, jnp.float32, every_layer_moves=True)
+
+
+@pytest.mark.parametrize("make", [agd_optax.agd, agd_optax.agd_momentum])
+def test_a_bias_far_above_its_weights_small_norm_moves_by_its_step(x64, make):
+    """A bias of entries 1e16 beside a weight whose norm is below float32's exact range (entries
+    of 1e-22): the bias's update, about 1e36, is a float32 number, and the step forms it as one
+    (its gradient times the weight's rescaling power of two alone would overflow)."""
+    rng = np.random.default_rng(8)
+    grads = {
+        "dense": {"kernel": rng.standard_normal((4, 3)) * 1e-22, "bias": np.full(3, 1e16)},
+        "out": {"kernel": rng.standard_normal((3, 2))},
+    }
+    params = jax.tree.map(np.ones_like, grads)
+    tx = make()
+    narrow = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), (grads, params))
+    updates, state = jax.jit(tx.update)(narrow[0], tx.init(narrow[1]), narrow[1])
+    want, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    assert np.all(np.abs(want["dense"]["bias"]) > 1e30)
+    _assert_updates_match(updates, want, jnp.float32, every_layer_moves=True)
