@@ -37,10 +37,14 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["bounds", "scales"]
+from agd_optax._floats import exponents, pow2
+from agd_optax._sums import pmax
+
+__all__ = ["bounds", "common_scale", "scales"]
 
 
 def bounds(summed: int, dtype: np.dtype) -> tuple[float, float]:
@@ -62,3 +66,23 @@ def scales(
     in ``q``'s dtype and shape: ``lo`` where ``q`` is Inf or NaN, ``hi`` where it is below
     ``threshold``, ``one`` elsewhere (each an array of ``q``'s shape; see :func:`bounds`)."""
     return lax.select(lax.is_finite(q), lax.select(lax.lt(q, threshold), hi, one), lo)
+
+
+def common_scale(
+    q: jax.Array, threshold: float, bound: tuple[float, float], mesh_axes: tuple[str, ...], acc
+) -> jax.Array:
+    """One power of two for every norm in G, from their plain sums ``q``: ``lo`` of ``bound``
+    when one is Inf or NaN, ``hi`` when the largest is below ``threshold`` (the largest of
+    their thresholds, so every scaled sum stays below ``threshold * hi**2``, far from the
+    largest float), else ``2**-(e // 2)`` for the largest's binary exponent ``e``, which brings
+    the largest near 1.
+
+    G is a sum, so one power of two serves all its norms, where each divisor needs its own:
+    every norm within about ``2**50`` of the largest is then exact to rounding, and a smaller
+    one, whose squares may be flushed, is below G's rounding. The bounds are :func:`bounds`:
+    with ``lo`` the largest sum fits the range, with ``hi`` the smallest normal entries' squares
+    are normal numbers (``mesh_axes``: inside ``shard_map``, those the sums are spread over)."""
+    m = pmax(jnp.max(q), mesh_axes)
+    lo, hi = (jnp.asarray(b, acc) for b in bound)
+    near = pow2(-lax.shift_right_arithmetic(exponents(m), np.int32(1)), acc)
+    return lax.select(lax.is_finite(m), lax.select(m < threshold, hi, near), lo)

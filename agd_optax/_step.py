@@ -22,7 +22,7 @@ each reading only that leaf's arrays, so that the kernels of leaves of one shape
 that XLA compiles once (an operation that read a leaf's part of a vector shared by the tree would
 be a kernel of its own, compiled for each leaf); the step size is formed once, on the flat
 vector. A reduction over an axis longer than 32 is taken on a view of the leaf with shorter
-axes (:func:`_view`), which XLA's CPU backend reduces in one kernel rather than three.
+axes (``_sums.py``), which XLA's CPU backend reduces in one kernel rather than three.
 
 :func:`agd_step` chains the two under ``jax.jit`` (the plan a static argument), so the
 un-jitted update of a notebook runs one compiled program, compiled once per tree. :func:`prepare`
@@ -33,7 +33,6 @@ and the plan.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -46,7 +45,6 @@ from agd_optax._floats import (
     LARGE_G_LOG2,
     Constants,
     eta_of,
-    exponents,
     exponents_of_inverse,
     pow2,
     pow2_down,
@@ -54,8 +52,9 @@ from agd_optax._floats import (
 )
 from agd_optax._layouts import resolve_layouts
 from agd_optax._plan import Plan, make_plan
-from agd_optax._rescale import bounds, scales
+from agd_optax._rescale import bounds, common_scale, scales
 from agd_optax._sharding import global_shapes, mesh_axes_per_leaf
+from agd_optax._sums import nonfinite, pmax, psum, squared_norms
 
 __all__ = [
     "Norms",
@@ -90,93 +89,6 @@ class Norms(NamedTuple):
     G: jax.Array
 
 
-def _psum(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
-    return lax.psum(x, axes) if axes else x
-
-
-def _pmax(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
-    return lax.pmax(x, axes) if axes else x
-
-
-# XLA's CPU backend splits a reduction over an axis longer than this into three kernels (the
-# squares materialised, a windowed partial sum and a final sum) unless the leaf is large.
-_WIDEST = 32
-
-
-def _factors(n: int) -> tuple[int, ...] | None:
-    """``n`` as a product of factors of at most ``_WIDEST``, or None if a prime factor is larger."""
-    parts = []
-    while n > _WIDEST:
-        f = next((f for f in range(_WIDEST, 1, -1) if n % f == 0), None)
-        if f is None:
-            return None
-        parts.append(f)
-        n //= f
-    return (*parts, n)
-
-
-def _view(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, tuple[int, ...]]:
-    """``x`` with each run of adjacent ``axes`` that has an axis longer than ``_WIDEST`` viewed
-    as factors of at most ``_WIDEST``, and the viewed positions of ``axes``: the same sums in
-    one reduction kernel. The view is behind ``lax.optimization_barrier`` (XLA would fold it
-    back into the reduction); an explicitly sharded array is left as it is."""
-    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
-    if spec is not None and any(p is not None for p in spec):
-        return x, axes
-    shape: list[int] = []
-    viewed: list[int] = []
-    a = 0
-    while a < x.ndim:
-        b = a + 1
-        if a in axes:
-            while b < x.ndim and b in axes:
-                b += 1
-        run = tuple(x.shape[a:b])
-        parts = _factors(math.prod(run)) if a in axes and max(run) > _WIDEST else None
-        parts = run if parts is None else parts
-        if a in axes:
-            viewed.extend(range(len(shape), len(shape) + len(parts)))
-        shape.extend(parts)
-        a = b
-    if tuple(shape) == x.shape:
-        return x, axes
-    return lax.optimization_barrier(lax.reshape(x, tuple(shape))), tuple(viewed)
-
-
-def _squared_norms(
-    source: list[jax.Array],
-    cs: list[jax.Array],
-    indices: tuple[int, ...],
-    plan: Plan,
-    acc: np.dtype,
-) -> list[jax.Array]:
-    """The sums of squares of the entries of the leaves at ``indices``, each times its ``c``
-    (laid out along its norms, or one scalar), laid out along the leaf's ``kept_axes``: one
-    reduction of the leaf itself."""
-    sums = []
-    for i, c in zip(indices, cs):
-        leaf = plan.leaves[i]
-        x = lax.convert_element_type(source[i], acc)
-        dims = leaf.kept_axes if c.ndim else ()  # A scalar c: one for every norm of the leaf.
-        x, axes = _view(lax.mul(x, lax.broadcast_in_dim(c, x.shape, dims)), leaf.reduce_axes)
-        sums.append(_psum(lax.reduce_sum(lax.mul(x, x), axes), leaf.reduce_mesh))
-    return sums
-
-
-def _nonfinite(source: list[jax.Array], skip: tuple[int, ...], plan: Plan, acc: np.dtype):
-    """0, or NaN when an entry of a leaf of ``source`` outside ``skip`` is NaN or Inf (None if
-    every leaf is in ``skip``): each leaf's sum of its entries times 0, a sum that cannot
-    overflow, where a sum of squares would for large finite entries."""
-    parts = []
-    for i, x in enumerate(source):
-        if i not in skip:
-            x, axes = _view(lax.convert_element_type(x, acc), tuple(range(x.ndim)))
-            parts.append(lax.reduce_sum(lax.mul(x, lax.full(x.shape, 0.0, acc)), axes))
-    if not parts:
-        return None
-    return _psum(jnp.sum(jnp.stack(parts)), plan.mesh_axes)
-
-
 def _flat(xs: list[jax.Array]) -> jax.Array:
     """Per-leaf arrays as one vector of all their entries."""
     return lax.concatenate([lax.reshape(x, (x.size,)) for x in xs], 0)
@@ -198,12 +110,12 @@ def _whole_norms(q: jax.Array, c: jax.Array | None, leaf, acc: np.dtype):
     """A weight's whole norms (its kernel positions' sums, on a common power of two) as
     ``(q, c)`` (``c`` None on the plain path)."""
     if c is None:
-        return _psum(lax.reduce_sum(q, leaf.spatial), leaf.spatial_mesh), None
+        return psum(lax.reduce_sum(q, leaf.spatial), leaf.spatial_mesh), None
     k = exponents_of_inverse(c)
-    top = _pmax(lax.reduce_max(k, leaf.spatial), leaf.spatial_mesh)
+    top = pmax(lax.reduce_max(k, leaf.spatial), leaf.spatial_mesh)
     spread = tuple(a for a in range(k.ndim) if a not in leaf.spatial)
     common = pow2_down(2 * (k - lax.broadcast_in_dim(top, k.shape, spread)), acc)
-    whole = _psum(lax.reduce_sum(q * common, leaf.spatial), leaf.spatial_mesh)
+    whole = psum(lax.reduce_sum(q * common, leaf.spatial), leaf.spatial_mesh)
     return whole, pow2(-top, acc)
 
 
@@ -297,10 +209,10 @@ def measure(
 
     def turn(carry):
         cs, common, _, previous, _, _, _, first = carry
-        sums = [_squared_norms(leaves, cs, owners, plan, acc)]
-        if separate:  # One power of two for all of G's norms (see _common_scale).
+        sums = [squared_norms(leaves, cs, owners, plan, acc)]
+        if separate:  # One power of two for all of G's norms (see ``_rescale.common_scale``).
             sums.append(
-                _squared_norms(step_source, [common] * len(indices[1]), indices[1], plan, acc)
+                squared_norms(step_source, [common] * len(indices[1]), indices[1], plan, acc)
             )
             k = lax.broadcast(exponents_of_inverse(common), thresholds[-1].shape)
         else:
@@ -314,35 +226,19 @@ def measure(
             lax.select(again, chosen(q, plan.leaves[i]), c) for q, c, i in zip(sums[0], cs, owners)
         ]
         if separate:
-            common = lax.select(again, _common_scale(flats[-1], largest, bound, plan, acc), common)
+            common = lax.select(
+                again, common_scale(flats[-1], largest, bound, plan.mesh_axes, acc), common
+            )
         return cs, common, sums[0], flats[-1], eta, G, again, jnp.zeros((), bool)
 
     zero, unit = jnp.zeros((), acc), jnp.ones((), acc)
     init = (ones, unit, ones, one, zero, zero, True, True)
     cs, _, sums, _, eta, G, _, _ = lax.while_loop(lambda carry: carry[6], turn, init)
-    bad = _nonfinite(step_source, indices[-1], plan, acc)
+    bad = nonfinite(step_source, indices[-1], plan, acc)
     if bad is not None:  # NaN or Inf in a leaf whose norm is not in G: G and eta NaN.
         eta, G = eta + bad, G + bad
     own, powers = (_by_leaf(x, owners, plan) for x in (sums, cs))
     return Norms(_divisors(own, powers, plan, acc), eta, G)
-
-
-def _common_scale(q: jax.Array, threshold: float, bound, plan: Plan, acc: np.dtype) -> jax.Array:
-    """One power of two for every norm in G, from their plain sums ``q``: ``lo`` of ``bound``
-    when one is Inf or NaN, ``hi`` when the largest is below ``threshold`` (the largest of
-    their thresholds, so every scaled sum stays below ``threshold * hi**2``, far from the
-    largest float), else ``2**-(e // 2)`` for the largest's binary exponent ``e``, which brings
-    the largest near 1.
-
-    G is a sum, so one power of two serves all its norms, where each divisor needs its own:
-    every norm within about ``2**50`` of the largest is then exact to rounding, and a smaller
-    one, whose squares may be flushed, is below G's rounding. The bounds are those of
-    ``_rescale.py``: with ``lo`` the largest sum fits the range, with ``hi`` the smallest normal
-    entries' squares are normal numbers."""
-    m = _pmax(jnp.max(q), plan.mesh_axes)
-    lo, hi = (jnp.asarray(b, acc) for b in bound)
-    near = pow2(-lax.shift_right_arithmetic(exponents(m), np.int32(1)), acc)
-    return lax.select(lax.is_finite(m), lax.select(m < threshold, hi, near), lo)
 
 
 def _by_leaf(xs: list[Any], indices: tuple[int, ...], plan: Plan) -> list[Any]:
@@ -373,13 +269,13 @@ def step_size(
         top = jnp.int32(0)
     else:
         lowest = np.int32(np.finfo(acc).minexp)
-        top = _pmax(jnp.max(jnp.where(scales > 0, k, lowest)), plan.mesh_axes)
+        top = pmax(jnp.max(jnp.where(scales > 0, k, lowest)), plan.mesh_axes)
         r = r * pow2_down(jnp.where(scales > 0, k - top, 0), acc)
     if plan.mesh_axes:
         total = jnp.zeros([], acc)
         for axes, part in plan.spread(indices).items():
             own = jnp.dot(jnp.asarray(scales[part], acc), r[part]) + 0.0 * jnp.sum(r[part])
-            total = total + _psum(own, axes)
+            total = total + psum(own, axes)
     else:
         total = jnp.dot(jnp.asarray(scales, acc), r) + 0.0 * jnp.sum(r)
     total = total + 0.0 * total
