@@ -168,18 +168,20 @@ def measure(
     One ``lax.while_loop`` over the leaves whose norms are used (every leaf but the biases,
     whose divisors are their weights' norms; of ``step_leaves``, the weights, the only norms in
     G): its first turn takes the plain sums (every ``c`` 1) and, only when one of them is
-    suspect, sets each norm's ``c`` and takes one more turn,
-    which ends it. So the usual step makes one pass over each leaf, and the passes are
-    compiled once, not once per branch. The step size, formed over the whole tree on one flat
-    vector of every norm, is formed in the loop and only returned: as an output of the loop it
-    reaches each leaf's pass as a plain value, where XLA would otherwise copy its computation
-    into every leaf's kernel. With ``step_leaves``, each source has its own sums and powers of
-    two, each leaf's sums one reduction of that leaf (a reduction of the two stacked would
-    first copy them, and XLA's CPU backend reduces such a stack an order of magnitude slower
-    than the two arrays apart). The step source's other leaves (biases; for ``step_leaves`` the
-    norm-layer parameters too) are checked outside the loop: a NaN or Inf entry in one makes G
-    and eta NaN, as one in a measured leaf does, and a large finite one changes nothing (its
-    squares, which might overflow, are never taken).
+    suspect, sets each norm's ``c`` and takes one more turn, which ends it. So the usual step
+    makes one pass over each leaf, and the passes are compiled once, not once per branch. The
+    step size, formed over the whole tree on one flat vector of every norm, is formed in the
+    loop and only returned: as an output of the loop it reaches each leaf's pass as a plain
+    value, where XLA would otherwise copy its computation into every leaf's kernel.
+
+    With ``step_leaves``, each source has its own sums, each leaf's one reduction of that leaf
+    (a reduction of the two stacked would first copy them, and XLA's CPU backend reduces such a
+    stack an order of magnitude slower than the two arrays apart), and its own powers of two:
+    one per norm for ``leaves``, one for all of ``step_leaves``'s (``_rescale.common_scale``: G
+    is a sum). The step source's other leaves (biases; for ``step_leaves`` the norm-layer
+    parameters too) are checked outside the loop: a NaN or Inf entry in one makes G and eta
+    NaN, as one in a measured leaf does, and a large finite one changes nothing (its squares,
+    which might overflow, are never taken).
     """
     separate = step_leaves is not None
     step_source = leaves if step_leaves is None else step_leaves
@@ -259,9 +261,9 @@ def step_size(
     of a weight's norm, so that the sum is finite for finite gradients; a G beyond the dtype's
     range is Inf, and eta is then ``log(G) / 2`` from the scaled sum. The other norms (of
     norm-layer parameters) enter as 0 times themselves: a NaN or Inf in one makes G NaN, and
-    so every update. The work
-    is a few operations on the flat vector of norms and one dot product (one per set of mesh
-    axes that the leaves' norms are spread over, inside ``shard_map``).
+    so every update. The work is a few operations on the flat vector of norms and one dot
+    product (one per set of mesh axes that the leaves' norms are spread over, inside
+    ``shard_map``).
     """
     scales = plan.per_entry(lambda leaf: leaf.scale * (leaf.kind == "weight"), indices)
     r = lax.sqrt(q)
