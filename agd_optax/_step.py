@@ -174,14 +174,13 @@ def measure(
     loop and only returned: as an output of the loop it reaches each leaf's pass as a plain
     value, where XLA would otherwise copy its computation into every leaf's kernel.
 
-    With ``step_leaves``, each source has its own sums, each leaf's one reduction of that leaf
-    (a reduction of the two stacked would first copy them, and XLA's CPU backend reduces such a
-    stack an order of magnitude slower than the two arrays apart), and its own powers of two:
-    one per norm for ``leaves``, one for all of ``step_leaves``'s (``_rescale.common_scale``: G
-    is a sum). The step source's other leaves (biases; for ``step_leaves`` the norm-layer
-    parameters too) are checked outside the loop: a NaN or Inf entry in one makes G and eta
-    NaN, as one in a measured leaf does, and a large finite one changes nothing (its squares,
-    which might overflow, are never taken).
+    With ``step_leaves``, each source has its own sums, a weight's two taken in one reduction
+    that reads both arrays (``_sums.squared_norms``; stacking them would first copy them), and
+    its own powers of two: one per norm for ``leaves``, one for all of ``step_leaves``'s
+    (``_rescale.common_scale``: G is a sum). The step source's other leaves (biases; for
+    ``step_leaves`` the norm-layer parameters too) are checked outside the loop: a NaN or Inf
+    entry in one makes G and eta NaN, as one in a measured leaf does, and a large finite one
+    changes nothing (its squares, which might overflow, are never taken).
     """
     separate = step_leaves is not None
     step_source = leaves if step_leaves is None else step_leaves
@@ -209,16 +208,17 @@ def measure(
         for i in owners
     ]
 
+    weights = set(indices[-1])
+
     def turn(carry):
-        cs, common, _, previous, _, _, _, first = carry
-        sums = [squared_norms(leaves, cs, owners, plan, acc)]
+        cs, common, _, previous, _, _, first, turns, limit = carry
+        taken = [(leaves, cs)]
         if separate:  # One power of two for all of G's norms (see ``_rescale.common_scale``).
-            sums.append(
-                squared_norms(step_source, [common] * len(indices[1]), indices[1], plan, acc)
-            )
+            taken.append((step_source, [common if i in weights else None for i in owners]))
             k = lax.broadcast(exponents_of_inverse(common), thresholds[-1].shape)
         else:
             k = exponents_of_inverse(scales(previous, thresholds[-1], lo, hi, one))
+        sums = squared_norms(taken, owners, plan, acc)
         flats = [_flat(x) for x in sums]
         eta, G = step_size(
             flats[-1], lax.select(first, jnp.zeros_like(k), k), plan, acc, indices[-1]
@@ -231,11 +231,25 @@ def measure(
             common = lax.select(
                 again, common_scale(flats[-1], largest, bound, plan.mesh_axes, acc), common
             )
-        return cs, common, sums[0], flats[-1], eta, G, again, jnp.zeros((), bool)
+        limit = lax.select(again, np.int32(2), limit)
+        return (
+            cs,
+            common,
+            sums[0],
+            flats[-1],
+            eta,
+            G,
+            jnp.zeros((), bool),
+            turns + np.int32(1),
+            limit,
+        )
 
+    # The loop runs while its turn count is below its limit (1, or 2 once a norm is suspect): a
+    # counter XLA's loop analyses find at once, where a carried flag sends them through every
+    # element of the carried tuple.
     zero, unit = jnp.zeros((), acc), jnp.ones((), acc)
-    init = (ones, unit, ones, one, zero, zero, True, True)
-    cs, _, sums, _, eta, G, _, _ = lax.while_loop(lambda carry: carry[6], turn, init)
+    init = (ones, unit, ones, one, zero, zero, True, np.int32(0), np.int32(1))
+    cs, _, sums, _, eta, G, *_ = lax.while_loop(lambda c: lax.lt(c[7], c[8]), turn, init)
     bad = nonfinite(step_source, indices[-1], plan, acc)
     if bad is not None:  # NaN or Inf in a leaf whose norm is not in G: G and eta NaN.
         eta, G = eta + bad, G + bad
