@@ -174,10 +174,11 @@ def measure(
     loop and only returned: as an output of the loop it reaches each leaf's pass as a plain
     value, where XLA would otherwise copy its computation into every leaf's kernel.
 
-    With ``step_leaves``, each source has its own sums, a weight's two taken in one reduction
-    that reads both arrays (``_sums.squared_norms``; stacking them would first copy them), and
-    its own powers of two: one per norm for ``leaves``, one for all of ``step_leaves``'s
-    (``_rescale.common_scale``: G is a sum). The step source's other leaves (biases; for
+    With ``step_leaves``, each source has its own sums, each leaf's one reduction of that leaf
+    (a reduction of the two stacked would first copy them; one reading both side by side sums
+    less accurately, see ``_sums.squared_norms``), and its own powers of two: one per norm for
+    ``leaves``, one for all of ``step_leaves``'s (``_rescale.common_scale``: G is a sum). The
+    step source's other leaves (biases; for
     ``step_leaves`` the norm-layer parameters too) are checked outside the loop: a NaN or Inf
     entry in one makes G and eta NaN, as one in a measured leaf does, and a large finite one
     changes nothing (its squares, which might overflow, are never taken).
@@ -208,17 +209,16 @@ def measure(
         for i in owners
     ]
 
-    weights = set(indices[-1])
-
     def turn(carry):
         cs, common, _, previous, _, _, first, turns, limit = carry
-        taken = [(leaves, cs)]
+        sums = [squared_norms(leaves, cs, owners, plan, acc)]
         if separate:  # One power of two for all of G's norms (see ``_rescale.common_scale``).
-            taken.append((step_source, [common if i in weights else None for i in owners]))
+            sums.append(
+                squared_norms(step_source, [common] * len(indices[1]), indices[1], plan, acc)
+            )
             k = lax.broadcast(exponents_of_inverse(common), thresholds[-1].shape)
         else:
             k = exponents_of_inverse(scales(previous, thresholds[-1], lo, hi, one))
-        sums = squared_norms(taken, owners, plan, acc)
         flats = [_flat(x) for x in sums]
         eta, G = step_size(
             flats[-1], lax.select(first, jnp.zeros_like(k), k), plan, acc, indices[-1]

@@ -454,3 +454,17 @@ def test_a_bias_far_above_its_weights_small_norm_moves_by_its_step(x64, make):
     want, _ = jax.jit(tx.update)(grads, tx.init(params), params)
     assert np.all(np.abs(want["dense"]["bias"]) > 1e30)
     _assert_updates_match(updates, want, jnp.float32, every_layer_moves=True)
+
+
+@pytest.mark.parametrize("make", [agd_optax.agd, agd_optax.agd_momentum])
+def test_a_norm_of_millions_of_entries_is_summed_to_float32_rounding(make):
+    """G of one square weight of 4 million entries (so G is its gradient's norm) against the
+    float64 sum: a float32 sum taken one entry after another would be about 1e-3 off here."""
+    rng = np.random.default_rng(9)
+    grad = (rng.random((2048, 2048)) + 1.0).astype(np.float32)
+    grads = {"dense": {"kernel": jnp.asarray(grad)}}
+    params = jax.tree.map(jnp.ones_like, grads)
+    tx = make()
+    _, state = jax.jit(tx.update)(grads, tx.init(params), params)
+    want = math.sqrt(float(np.sum(grad.astype(np.float64) ** 2)))
+    assert float(state[0].G) == pytest.approx(want, rel=1e-6)
