@@ -178,10 +178,10 @@ def measure(
     (a reduction of the two stacked would first copy them; one reading both side by side sums
     less accurately, see ``_sums.squared_norms``), and its own powers of two: one per norm for
     ``leaves``, one for all of ``step_leaves``'s (``_rescale.common_scale``: G is a sum). The
-    step source's other leaves (biases; for
-    ``step_leaves`` the norm-layer parameters too) are checked outside the loop: a NaN or Inf
-    entry in one makes G and eta NaN, as one in a measured leaf does, and a large finite one
-    changes nothing (its squares, which might overflow, are never taken).
+    step source's other leaves (biases; for ``step_leaves`` the norm-layer parameters too) are
+    checked outside the loop: a NaN or Inf entry in one makes G and eta NaN, as one in a
+    measured leaf does, and a large finite one changes nothing (its squares, which might
+    overflow, are never taken).
     """
     separate = step_leaves is not None
     step_source = leaves if step_leaves is None else step_leaves
@@ -246,7 +246,8 @@ def measure(
 
     # The loop runs while its turn count is below its limit (1, or 2 once a norm is suspect): a
     # counter XLA's loop analyses find at once, where a carried flag sends them through every
-    # element of the carried tuple.
+    # element of the carried tuple. ``first`` is carried too: read off the counter, its test
+    # would be copied into every leaf's kernel that uses it.
     zero, unit = jnp.zeros((), acc), jnp.ones((), acc)
     init = (ones, unit, ones, one, zero, zero, True, np.int32(0), np.int32(1))
     cs, _, sums, _, eta, G, *_ = lax.while_loop(lambda c: lax.lt(c[7], c[8]), turn, init)

@@ -459,7 +459,8 @@ def test_a_bias_far_above_its_weights_small_norm_moves_by_its_step(x64, make):
 @pytest.mark.parametrize("make", [agd_optax.agd, agd_optax.agd_momentum])
 def test_a_norm_of_millions_of_entries_is_summed_to_float32_rounding(make):
     """G of one square weight of 4 million entries (so G is its gradient's norm) against the
-    float64 sum: a float32 sum taken one entry after another would be about 1e-3 off here."""
+    float64 sum: a float32 sum of squares taken one entry after another is about 1e-3 off here
+    (G half that)."""
     rng = np.random.default_rng(9)
     grad = (rng.random((2048, 2048)) + 1.0).astype(np.float32)
     grads = {"dense": {"kernel": jnp.asarray(grad)}}
