@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
@@ -112,4 +111,7 @@ def nonfinite(source: list[jax.Array], skip: tuple[int, ...], plan: Plan, acc: n
             parts.append(lax.reduce_sum(lax.mul(x, lax.full(x.shape, 0.0, acc)), axes))
     if not parts:
         return None
-    return psum(jnp.sum(jnp.stack(parts)), plan.mesh_axes)
+    # One vector of the checks and one reduction of it: summed as a stack, they become one chain
+    # of an addition per leaf, which took XLA about 10% of the 2,000-leaf update's compile.
+    flat = lax.concatenate([lax.reshape(p, (1,)) for p in parts], 0)
+    return psum(lax.reduce_sum(flat, (0,)), plan.mesh_axes)
