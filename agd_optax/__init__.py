@@ -20,7 +20,8 @@ The step
   ``_sharding``      ``param_specs``: each leaf's mesh axes and global shape inside ``shard_map``
   ``_plan``          the static plan of a tree's step: per-leaf facts (axes, scale, threshold)
   ``_floats``        exact powers of two, exponents, kept-axis sums, eta of G
-  ``_sums``          each leaf's reductions: its sums of squares, the NaN/Inf check of the rest
+  ``_sums``          each leaf's reductions: its sums of squares, the NaN/Inf check of the rest,
+                     the per-leaf values joined into one vector
   ``_rescale``       the rescaled pass: the powers of two that keep every sum of squares exact
                      (one per norm for the divisors, one for all of G's norms)
   ``_step``          the step kernel every AGD transformation calls: prologue (``prepare``),

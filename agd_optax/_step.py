@@ -54,7 +54,7 @@ from agd_optax._layouts import resolve_layouts
 from agd_optax._plan import Plan, make_plan
 from agd_optax._rescale import bounds, common_scale, scales
 from agd_optax._sharding import global_shapes, mesh_axes_per_leaf
-from agd_optax._sums import nonfinite, pmax, psum, squared_norms
+from agd_optax._sums import joined, nonfinite, pmax, psum, squared_norms
 
 __all__ = [
     "Norms",
@@ -87,14 +87,6 @@ class Norms(NamedTuple):
     divisors: list[tuple[jax.Array, jax.Array]]
     eta: jax.Array
     G: jax.Array
-
-
-def _flat(xs: list[jax.Array]) -> jax.Array:
-    """Per-leaf arrays as one vector of all their entries, behind ``lax.optimization_barrier``:
-    XLA would otherwise rewrite a reduction of the joined vector (the step size's sums, the
-    largest norm, the guard's test) as one chain of an operation per leaf, which took about a
-    sixth of the 2,000-leaf ``agd_momentum`` update's compile."""
-    return lax.optimization_barrier(lax.concatenate([lax.reshape(x, (x.size,)) for x in xs], 0))
 
 
 def _suspect(flats: list[jax.Array], thresholds: list[jax.Array], plan: Plan) -> jax.Array:
@@ -222,7 +214,7 @@ def measure(
             k = lax.broadcast(exponents_of_inverse(common), thresholds[-1].shape)
         else:
             k = exponents_of_inverse(scales(previous, thresholds[-1], lo, hi, one))
-        flats = [_flat(x) for x in sums]
+        flats = [joined(x) for x in sums]
         eta, G = step_size(
             flats[-1], lax.select(first, jnp.zeros_like(k), k), plan, acc, indices[-1]
         )
